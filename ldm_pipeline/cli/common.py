@@ -1,0 +1,100 @@
+"""Pieces shared by the command modules: the user-error wrapper, logging setup and the generation options
+that txt2img and img2img have in common."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from ldm_pipeline.errors import UserError
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that is not for our users (torchvision notices, weight-loading bars)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse `argv` and run `body`; a UserError becomes one line on stderr and exit code 2 (argparse's own code
+    for usage errors), Ctrl-C exit code 130."""
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        return body(args)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the usage examples' line breaks and shows each option's default."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with our help format."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        help="diffusers folder, training checkpoint folder, single-file .safetensors, configs/models YAML, or hub id "
+        "(default: $LDM_MODEL, else the shipped model)",
+    )
+    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt checkpoints (torch.load weights_only)")
+    g.add_argument("--lora", action="append", default=[], help="LoRA weights (folder or .safetensors) from ldm train; repeatable")
+    g.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA weights")
+
+
+def add_generation_args(p: argparse.ArgumentParser, img2img: bool = False) -> None:
+    from ldm_pipeline.schedulers import SCHEDULERS
+
+    p.add_argument("prompt", nargs="*", help="text prompt(s); each makes --num-images images")
+    p.add_argument("--from-file", metavar="FILE", help=".txt (one prompt per line) or .jsonl/.csv with per-row prompt, "
+                   "negative_prompt, seed, steps, guidance_scale, scheduler, width, height" + (", strength, init_image" if img2img else ""))
+    p.add_argument("--replay", metavar="IMAGE.png", help="regenerate an image from the metadata it carries")
+    add_model_args(p)
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--negative-prompt", default="", help="what to steer away from")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    g.add_argument("--guidance-scale", "--cfg", type=float, help="classifier-free guidance scale; 1 skips the unconditional pass (default: the model's)")
+    g.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale φ (Lin et al. 2023), 0 = off")
+    g.add_argument("--scheduler", choices=list(SCHEDULERS), metavar="NAME", help=f"sampler: {', '.join(SCHEDULERS)} (default: the model's)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM/DDPM stochasticity η")
+    g.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random, recorded)")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    g.add_argument("--height", type=int, help="image height in pixels, a multiple of the VAE factor (default: the model's)")
+    g.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    g.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111 meaning: 1 = last, 2 = penultimate)")
+    if img2img:
+        g = p.add_argument_group("img2img")
+        g.add_argument("--init-image", help="image file, folder or glob to edit")
+        g.add_argument("--strength", type=float, default=0.75, help="how much to change the image, in (0, 1]")
+        g.add_argument("--resize-mode", choices=["crop", "pad", "stretch"], default="crop",
+                       help="fitting the init image to the size (or to the VAE factor)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights/activations precision (default fp32; replay: the recorded one)")
+    g.add_argument("--attention-slicing", action="store_true", help="diffusers attention slicing (less memory)")
+    g.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+    g.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
+    g.add_argument("--cpu-offload", action="store_true", help="model CPU offload (GPU memory saver; needs cuda)")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the UNet")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first image)")
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--outdir", default="outputs/img2img" if img2img else "outputs/txt2img", help="output folder")
+    g.add_argument("--grid", action="store_true", help="also save a grid of all images")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")

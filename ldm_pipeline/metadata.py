@@ -1,0 +1,82 @@
+"""Generation metadata inside PNG files: AUTOMATIC1111's ``parameters`` text chunk (so A1111, Civitai and friends
+read our images) and a JSON chunk with everything needed to regenerate the image bit for bit (``--replay``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ldm_pipeline.errors import UserError
+
+JSON_KEY = "ldm_pipeline"  # PNG tEXt key of our JSON record
+A1111_KEY = "parameters"
+FORMAT_VERSION = 1
+
+
+def a1111_parameters(record: dict[str, Any]) -> str:
+    """The A1111 ``parameters`` text: prompt line, ``Negative prompt:`` line, then ``Key: value, …``."""
+    fields = [
+        ("Steps", record["num_inference_steps"]),
+        ("Sampler", record.get("sampler_name") or record["scheduler"]),
+        ("CFG scale", _num(record["guidance_scale"])),
+        ("Seed", record["seed"]),
+        ("Size", f"{record['width']}x{record['height']}"),
+        ("Model hash", record["model"]["hash"]),
+        ("Model", Path(str(record["model"]["name"])).stem if record["model"]["name"] else ""),
+    ]
+    if record.get("strength") is not None:
+        fields.append(("Denoising strength", _num(record["strength"])))
+    if record.get("clip_skip", 1) > 1:
+        fields.append(("Clip skip", record["clip_skip"]))
+    if record.get("eta"):
+        fields.append(("Eta", _num(record["eta"])))
+    if record.get("guidance_rescale"):
+        fields.append(("CFG Rescale", _num(record["guidance_rescale"])))
+    lines = [record["prompt"]]
+    if record.get("negative_prompt"):
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
+    return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return f"{float(x):g}"
+
+
+def _quote(v: Any) -> str:
+    s = str(v)
+    return json.dumps(s) if ("," in s or ":" in s or "\n" in s) else s
+
+
+def png_info(record: dict[str, Any]):
+    """A PngInfo with both chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(A1111_KEY, a1111_parameters(record))
+    info.add_text(JSON_KEY, json.dumps({"format": FORMAT_VERSION, **record}, sort_keys=True))
+    return info
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The JSON record of an image we wrote; a one-line UserError for anything else."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            text = im.info.get(JSON_KEY) or getattr(im, "text", {}).get(JSON_KEY)
+    except FileNotFoundError:
+        raise UserError(f"replay image not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read replay image {path}: {e}") from None
+    if not text:
+        raise UserError(f"{path} has no ldm_pipeline metadata: only PNGs written by ldm txt2img/img2img can be replayed")
+    try:
+        record = json.loads(text)
+    except ValueError:
+        raise UserError(f"{path}: the ldm_pipeline metadata is not valid JSON") from None
+    if record.get("format", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer ldm_pipeline (format {record['format']}): upgrade to replay it")
+    return record

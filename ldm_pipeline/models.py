@@ -1,0 +1,448 @@
+"""Load a model from whatever the user has: a diffusers folder, a single-file checkpoint, a hub id, or a YAML
+architecture (``configs/models/*.yaml``, random weights); and write new random-initialised model folders.
+
+Everything comes back as a diffusers ``StableDiffusionPipeline`` plus a `ModelInfo` (name, content hash, the
+model's own generation defaults) so generation, training and export share one loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ldm_pipeline.config import from_dict, load_yaml, resolve_config_path
+from ldm_pipeline.errors import UserError
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+DEFAULTS_FILE = "ldm_defaults.json"  # our generation defaults, stored beside model_index.json
+ASSETS = Path(__file__).resolve().parent / "assets"
+CACHE_DIR = Path(os.environ.get("LDM_PIPELINE_CACHE", Path.home() / ".cache" / "ldm_pipeline"))
+
+
+@dataclass
+class GenerationDefaults:
+    """A model's own sampling defaults: what a bare ``ldm txt2img "..."`` uses."""
+
+    height: int = 512
+    width: int = 512
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+
+
+@dataclass
+class ModelSpec:
+    """An architecture from ``configs/models/*.yaml``: constructor arguments of each diffusers/transformers part."""
+
+    name: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    scheduler: dict[str, Any]
+    tokenizer: str = "clip-vit-large-patch14"
+    description: str = ""
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
+
+
+@dataclass
+class ModelInfo:
+    """Where a loaded model came from, for metadata and replay."""
+
+    name: str  # what the user passed (path or hub id), or the config name
+    source: str  # "folder" | "single_file" | "hub" | "config"
+    hash: str  # A1111-style short content hash (sha256 of the weights, first 10 hex digits)
+    defaults: GenerationDefaults
+    path: str | None = None
+
+
+def load_model_spec(spec: str | Path) -> ModelSpec:
+    """Read an architecture YAML (a path or a name under configs/models/)."""
+    return from_dict(ModelSpec, load_yaml(resolve_config_path(spec, "models")))
+
+
+# --- tokenizers -----------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def clip_tokenizer_dir(name: str = "clip-vit-large-patch14") -> Path:
+    """A CLIPTokenizer folder for OpenAI CLIP's vocabulary, built offline from the BPE merges that ship with us.
+
+    CLIP's vocab.json is a pure function of its merges file (the construction in openai/CLIP's
+    simple_tokenizer.py); we ship that file (from open_clip, MIT) because no hub is reachable here.
+    ``...-pad0`` is SD 2.x's variant, which pads with "!" (id 0) instead of <|endoftext|>.
+    """
+    from transformers import CLIPTokenizer
+
+    out = CACHE_DIR / "tokenizers" / name
+    if (out / "tokenizer_config.json").is_file():
+        return out
+    merges = gzip.open(ASSETS / "clip" / "bpe_simple_vocab_16e6.txt.gz").read().decode("utf-8").split("\n")
+    merges = merges[1 : 49152 - 256 - 2 + 1]
+    alphabet = list(_bytes_to_unicode().values())
+    vocab = alphabet + [v + "</w>" for v in alphabet] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=_ensure(out.parent)))
+    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), "utf-8")
+    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+    pad = "!" if name.endswith("-pad0") else "<|endoftext|>"
+    tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), pad_token=pad, model_max_length=77)
+    tok.save_pretrained(tmp)
+    _rename_into_place(tmp, out)
+    return out
+
+
+def load_tokenizer(name_or_path: str):
+    """A CLIPTokenizer from a folder, or one of the built-in CLIP vocabularies by name."""
+    from transformers import CLIPTokenizer
+
+    path = Path(name_or_path)
+    if not path.is_dir():
+        if not name_or_path.startswith("clip-vit-large-patch14"):
+            raise UserError(f"tokenizer '{name_or_path}' not found: pass a folder or clip-vit-large-patch14")
+        path = clip_tokenizer_dir(name_or_path)
+    return CLIPTokenizer.from_pretrained(path)
+
+
+# --- building from an architecture --------------------------------------------------------------------------
+
+
+def build_components(spec: ModelSpec, seed: int = 0) -> dict[str, Any]:
+    """Random-initialised components for `spec`, seeded per component like diffusers' tests."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_pipeline.schedulers import scheduler_from_config
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec.unet)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**spec.vae)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
+    tokenizer = load_tokenizer(spec.tokenizer)
+    scheduler = scheduler_from_config(spec.scheduler)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def pipeline_from_components(components: dict[str, Any]):
+    """A StableDiffusionPipeline without the safety checker (we ship none, and it needs hub weights)."""
+    from diffusers import StableDiffusionPipeline
+
+    parts = {k: components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def init_model(spec: ModelSpec | str | Path, output: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a random-initialised diffusers model folder for `spec` (atomically; refuses to overwrite)."""
+    if not isinstance(spec, ModelSpec):
+        spec = load_model_spec(spec)
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError(f"output {output} already exists: choose another --output or pass --overwrite")
+    pipe = pipeline_from_components(build_components(spec, seed))
+    save_pipeline(pipe, output, defaults=spec.defaults, overwrite=overwrite)
+    return output
+
+
+def save_pipeline(pipe, output: str | Path, defaults: GenerationDefaults | None = None, overwrite: bool = False) -> Path:
+    """Save a pipeline as a diffusers folder in safetensors, written to a temporary name and renamed into place."""
+    output = Path(output)
+    parent = _ensure(output.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if defaults is not None:
+            (tmp / DEFAULTS_FILE).write_text(json.dumps(dataclasses.asdict(defaults), indent=2) + "\n")
+        if output.exists():
+            if not overwrite:
+                raise UserError(f"{output} already exists: pass --overwrite to replace it")
+            shutil.rmtree(output)
+        _rename_into_place(tmp, output)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _rename_into_place(tmp: Path, final: Path) -> None:
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if final.exists():  # another process won the race with identical content
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+
+
+# --- hashing -----------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, cached by (path, size, mtime) so multi-GB checkpoints are hashed once (as A1111 does)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    cache_file = CACHE_DIR / "hashes.json"
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    digest = h.hexdigest()
+    if st.st_size > 64 << 20:  # only worth caching for big files
+        cache[key] = digest
+        try:
+            _ensure(cache_file.parent)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
+    return digest
+
+
+def folder_hash(folder: str | Path) -> str:
+    """Content hash of a diffusers folder: sha256 over its weight files' hashes and configs, in a fixed order."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and (p.suffix in (".safetensors", ".bin", ".json", ".txt")) and not p.name.startswith("."):
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+
+def _read_defaults(folder: Path, pipe) -> GenerationDefaults:
+    f = folder / DEFAULTS_FILE
+    if f.is_file():
+        try:
+            return from_dict(GenerationDefaults, json.loads(f.read_text()))
+        except (ValueError, UserError):
+            pass
+    return _infer_defaults(pipe)
+
+
+def _infer_defaults(pipe) -> GenerationDefaults:
+    """SD-like defaults sized to the model's native resolution."""
+    size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    return GenerationDefaults(height=size, width=size)
+
+
+def detect_single_file_arch(path: Path, allow_pickle: bool) -> str:
+    """'sd15' or 'sd21' from the checkpoint's cross-attention width (768: SD 1.x, 1024: SD 2.x)."""
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = set(f.keys())
+                if key not in keys:
+                    raise UserError(
+                        f"{path} is not a Stable Diffusion 1.x/2.x checkpoint in the original (CompVis) key layout"
+                    )
+                width = f.get_slice(key).get_shape()[1]
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    else:
+        import torch
+
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise UserError(f"cannot read {path} (weights_only=True): {str(e).splitlines()[0][:200]}") from None
+        while isinstance(sd, dict) and "state_dict" in sd:
+            sd = sd["state_dict"]
+        if key not in sd:
+            raise UserError(f"{path} is not a Stable Diffusion 1.x/2.x checkpoint in the original (CompVis) key layout")
+        width = sd[key].shape[1]
+    return {768: "sd15", 1024: "sd21"}.get(int(width)) or _unknown_width(path, width)
+
+
+def _unknown_width(path: Path, width: int) -> str:
+    raise UserError(f"{path}: cross-attention width {width} is neither SD 1.x (768) nor SD 2.x (1024)")
+
+
+def offline_config_folder(arch: str) -> Path:
+    """A weightless diffusers folder (configs + tokenizer) for `arch`, so single-file loading needs no hub."""
+    out = CACHE_DIR / "single_file_configs" / arch
+    if (out / "model_index.json").is_file():
+        return out
+    spec = load_model_spec(arch)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=_ensure(out.parent)))
+    for name, cls, cfg in (
+        ("unet", "UNet2DConditionModel", spec.unet),
+        ("vae", "AutoencoderKL", spec.vae),
+    ):
+        _ensure(tmp / name)
+        (tmp / name / "config.json").write_text(json.dumps({"_class_name": cls, **cfg}, indent=2))
+    _ensure(tmp / "text_encoder")
+    te = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **spec.text_encoder}
+    (tmp / "text_encoder" / "config.json").write_text(json.dumps(te, indent=2))
+    load_tokenizer(spec.tokenizer).save_pretrained(tmp / "tokenizer")
+    _ensure(tmp / "scheduler")
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec.scheduler, indent=2))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", spec.scheduler["_class_name"]],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    (tmp / DEFAULTS_FILE).write_text(json.dumps(dataclasses.asdict(spec.defaults), indent=2))
+    _rename_into_place(tmp, out)
+    return out
+
+
+def default_model() -> str | None:
+    """The model used when --model is not given: $LDM_MODEL, else the model shipped in the package, if any."""
+    env = os.environ.get("LDM_MODEL")
+    if env:
+        return env
+    shipped = ASSETS / "models" / "shapes"
+    return str(shipped) if (shipped / "model_index.json").is_file() else None
+
+
+def resolve_model(model: str | None) -> str:
+    """The model to load: the given one, or the default; a one-line error if there is neither."""
+    model = model or default_model()
+    if not model:
+        raise UserError("no model given: pass --model (a diffusers folder, a .safetensors file or a hub id)")
+    return model
+
+
+def load_pipeline(
+    model: str | None = None,
+    *,
+    torch_dtype=None,
+    allow_pickle: bool = False,
+    seed: int = 0,
+):
+    """Load `model` as a StableDiffusionPipeline; returns (pipeline, ModelInfo).
+
+    `model` may be a diffusers folder, a training checkpoint folder (its ``pipeline/`` subfolder), a single-file
+    SD 1.x/2.x checkpoint, an architecture YAML (random weights from `seed`), or a hub id.
+    """
+    model = resolve_model(model)
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" is noise for a CLI user
+    path = Path(model).expanduser()
+    kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if path.is_dir() and not (path / "model_index.json").is_file() and (path / "pipeline" / "model_index.json").is_file():
+        path = path / "pipeline"  # an `ldm train` checkpoint directory
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{path} is not a diffusers model folder (no model_index.json)")
+        from diffusers import StableDiffusionPipeline
+
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot load model folder {path}: {_first_line(e)}") from None
+        return pipe, ModelInfo(model, "folder", folder_hash(path)[:10], _read_defaults(path, pipe), str(path))
+    if path.suffix in (".yaml", ".yml") or (not path.exists() and _is_config_name(model)):
+        spec = load_model_spec(model)
+        pipe = pipeline_from_components(build_components(spec, seed))
+        if torch_dtype is not None:
+            pipe.to(dtype=torch_dtype)
+        return pipe, ModelInfo(model, "config", f"seed{seed}", spec.defaults, str(path))
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES or path.is_file():
+        if not path.is_file():
+            raise UserError(f"model file not found: {path}")
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise UserError(
+                f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded: convert it to "
+                ".safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
+            )
+        if suffix not in SINGLE_FILE_SUFFIXES:
+            raise UserError(f"unsupported model file {path.name}: expected .safetensors (or .ckpt with --allow-pickle)")
+        arch = detect_single_file_arch(path, allow_pickle)
+        from diffusers import StableDiffusionPipeline
+
+        config = offline_config_folder(arch)
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"cannot load {path.name} as an SD checkpoint: {_first_line(e)}") from None
+        defaults = load_model_spec(arch).defaults
+        return pipe, ModelInfo(path.name, "single_file", file_sha256(path)[:10], defaults, str(path))
+    if _looks_like_hub_id(model):
+        from diffusers import StableDiffusionPipeline
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=offline, **kwargs)
+        except Exception as e:  # hub errors come in many types (network, 404, gated, offline)
+            if offline or "offline" in str(e).lower() or "connect" in str(e).lower():
+                raise UserError(
+                    f"model '{model}' is not available locally and the hub cannot be reached (offline): "
+                    "pass a local folder or .safetensors file"
+                ) from None
+            raise UserError(f"cannot load model '{model}' from the hub: {_first_line(e)}") from None
+        return pipe, ModelInfo(model, "hub", _hub_hash(pipe), _infer_defaults(pipe), None)
+    raise UserError(f"model not found: {model} (expected a diffusers folder, a .safetensors file or a hub id)")
+
+
+def _hub_hash(pipe) -> str:
+    return (getattr(pipe, "name_or_path", "") or "hub")[-10:]
+
+
+def _is_config_name(name: str) -> bool:
+    from ldm_pipeline.config import config_dir
+
+    return (config_dir() / "models" / f"{name}.yaml").is_file()
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~")) and " " not in model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -1,0 +1,585 @@
+"""txt2img and img2img on diffusers' StableDiffusion pipelines: seeds, batching, long/weighted prompts, metadata,
+replay, and splitting the work across processes.
+
+The denoising loop is diffusers' own (``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` built from
+the same components); we feed it ``prompt_embeds`` from `ldm_pipeline.prompts`, one CPU ``torch.Generator`` per
+image seeded with ``seed + i`` (so any image of a batch can be regenerated alone, on any device), and swap the
+scheduler with ``from_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ldm_pipeline.errors import UserError
+from ldm_pipeline.models import GenerationDefaults, ModelInfo
+from ldm_pipeline.schedulers import ETA_SCHEDULERS, SCHEDULERS, check_scheduler_name
+
+RESIZE_MODES = ("crop", "pad", "stretch")
+DTYPES = ("fp32", "fp16", "bf16")
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class Job:
+    """One image to make. Fields left None take the run's settings, then the model's defaults."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float = 0.0
+    scheduler: str | None = None
+    eta: float = 0.0
+    height: int | None = None
+    width: int | None = None
+    clip_skip: int = 1
+    # img2img only
+    init_image: str | None = None
+    strength: float | None = None
+    resize_mode: str = "crop"
+    index: int = 0  # position in the run (decides the output number)
+
+
+@dataclass
+class Result:
+    job: Job
+    image: Any  # PIL.Image
+    record: dict[str, Any]
+
+
+@dataclass
+class RuntimeOptions:
+    """How to run (not what to draw): device, precision and diffusers' memory/speed switches."""
+
+    device: str = "auto"
+    dtype: str = "fp32"
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    allow_pickle: bool = False
+    lora: list[str] = field(default_factory=list)
+    lora_scale: float = 1.0
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise UserError(f"unknown --device {name}: use auto, cpu, cuda or mps")
+    return name
+
+
+def torch_dtype(name: str):
+    import torch
+
+    try:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    except KeyError:
+        raise UserError(f"unknown --dtype {name}: use fp32, fp16 or bf16") from None
+
+
+def random_seed() -> int:
+    return random.SystemRandom().randint(0, MAX_SEED)
+
+
+class Generator:
+    """A loaded model ready to make images: ``Generator.load(model).txt2img(jobs)``."""
+
+    def __init__(self, pipe, info: ModelInfo, options: RuntimeOptions, device: str):
+        import diffusers
+
+        self.pipe = pipe
+        self.info = info
+        self.options = options
+        self.device = device
+        self.base_scheduler_config = dict(pipe.scheduler.config)
+        self._img2img = None
+        self._schedulers: dict[str, Any] = {}
+        diffusers.utils.logging.disable_progress_bar()  # our own bar counts images; diffusers' would count steps
+        pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def defaults(self) -> GenerationDefaults:
+        return self.info.defaults
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    @classmethod
+    def load(cls, model: str | None = None, options: RuntimeOptions | None = None) -> Generator:
+        """Load `model` (see `ldm_pipeline.models.load_pipeline`) onto the device with the requested switches."""
+        import torch
+
+        from ldm_pipeline.models import load_pipeline
+
+        options = options or RuntimeOptions()
+        device = resolve_device(options.device)
+        dtype = torch_dtype(options.dtype)
+        pipe, info = load_pipeline(model, torch_dtype=dtype, allow_pickle=options.allow_pickle)
+        for path in options.lora:
+            load_lora(pipe, path)
+        if options.lora:
+            pipe.fuse_lora(lora_scale=options.lora_scale)
+        if options.cpu_offload:
+            if device == "cpu":
+                raise UserError("--cpu-offload moves models between the GPU and the CPU: it needs --device cuda")
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        if options.attention_slicing:
+            pipe.enable_attention_slicing()
+        if options.vae_slicing:
+            pipe.vae.enable_slicing()
+        if options.vae_tiling:
+            pipe.vae.enable_tiling()
+        if options.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+        if options.compile:
+            pipe.unet = torch.compile(pipe.unet)
+        return cls(pipe, info, options, device)
+
+    # --- settings ---------------------------------------------------------------------------------------------
+
+    def resolve(self, job: Job) -> Job:
+        """Fill a job's unset fields from the model's defaults and check them."""
+        d = self.defaults
+        job = dataclasses.replace(job)
+        job.num_inference_steps = job.num_inference_steps or d.num_inference_steps
+        job.guidance_scale = d.guidance_scale if job.guidance_scale is None else job.guidance_scale
+        job.scheduler = check_scheduler_name(job.scheduler or d.scheduler)
+        if job.seed is None:
+            job.seed = random_seed()
+        if not 0 <= job.seed <= MAX_SEED:
+            raise UserError(f"seed {job.seed} out of range: use 0..{MAX_SEED}")
+        if job.num_inference_steps < 1:
+            raise UserError(f"steps must be at least 1 (got {job.num_inference_steps})")
+        if job.guidance_scale < 0:
+            raise UserError(f"guidance scale must be >= 0 (got {job.guidance_scale})")
+        if job.clip_skip < 1 or job.clip_skip >= self.pipe.text_encoder.config.num_hidden_layers:
+            raise UserError(f"clip skip must be 1..{self.pipe.text_encoder.config.num_hidden_layers - 1} (1 = last layer)")
+        if job.eta and job.scheduler not in ETA_SCHEDULERS:
+            raise UserError(f"--eta applies to {' and '.join(ETA_SCHEDULERS)} only, not {job.scheduler}")
+        if job.init_image is not None:
+            if job.strength is None:
+                job.strength = 0.75
+            if not 0 < job.strength <= 1:
+                raise UserError(f"strength must be in (0, 1] (got {job.strength})")
+            if job.resize_mode not in RESIZE_MODES:
+                raise UserError(f"unknown resize mode {job.resize_mode}: use {', '.join(RESIZE_MODES)}")
+        else:
+            job.height = job.height or d.height
+            job.width = job.width or d.width
+        f = self.vae_scale_factor
+        for name in ("height", "width"):
+            v = getattr(job, name)
+            if v is not None and (v <= 0 or v % f):
+                raise UserError(f"--{name} {v} is not a positive multiple of {f} (this model's VAE factor)")
+        return job
+
+    def _scheduler(self, name: str):
+        from ldm_pipeline.schedulers import make_scheduler
+
+        if name not in self._schedulers:
+            self._schedulers[name] = make_scheduler(name, self.base_scheduler_config)
+        return self._schedulers[name]
+
+    @property
+    def img2img_pipe(self):
+        if self._img2img is None:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    def encode(self, job: Job, num_chunks: int | None = None):
+        """(prompt_embeds, negative_prompt_embeds) for a job, optionally padded to `num_chunks` chunks."""
+        from ldm_pipeline.prompts import encode_prompt_pair
+
+        return encode_prompt_pair(
+            self.pipe.tokenizer,
+            self.pipe.text_encoder,
+            job.prompt,
+            job.negative_prompt,
+            clip_skip=job.clip_skip,
+            device=self._exec_device,
+            num_chunks=num_chunks,
+        )
+
+    @property
+    def _exec_device(self):
+        return self.pipe._execution_device
+
+    def _batch_key(self, job: Job) -> tuple:
+        from ldm_pipeline.prompts import count_chunks
+
+        tok = self.pipe.tokenizer
+        chunks = max(count_chunks(tok, job.prompt), count_chunks(tok, job.negative_prompt))
+        fields = dataclasses.asdict(job)
+        for k in ("prompt", "negative_prompt", "seed", "index", "init_image"):
+            fields.pop(k)
+        return (chunks, tuple(sorted(fields.items())))
+
+    def batches(self, jobs: list[Job], batch_size: int) -> Iterator[list[Job]]:
+        """Consecutive jobs sharing every setting (and prompt-chunk count) grouped into batches: batching then never
+        changes an image, since each image's noise comes from its own generator and its prompt is padded the same."""
+        batch: list[Job] = []
+        key = None
+        for job in jobs:
+            k = self._batch_key(job)
+            if batch and (k != key or len(batch) >= batch_size):
+                yield batch
+                batch = []
+            key = k
+            batch.append(job)
+        if batch:
+            yield batch
+
+    def run_batch(self, batch: list[Job], init_images: list | None = None) -> list[Result]:
+        """Generate one batch of resolved jobs (same settings) → one Result per job."""
+        import torch
+
+        first = batch[0]
+        embeds = [self.encode(j) for j in batch]
+        prompt_embeds = torch.cat([e[0] for e in embeds])
+        negative_embeds = torch.cat([e[1] for e in embeds])
+        generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
+        common = dict(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            guidance_rescale=first.guidance_rescale,
+            eta=first.eta,
+            generator=generators,
+            output_type="pil",
+        )
+        if first.init_image is not None:
+            pipe = self.img2img_pipe
+            pipe.scheduler = self._scheduler(first.scheduler)
+            images = pipe(image=init_images, strength=first.strength, **common).images
+        else:
+            pipe = self.pipe
+            pipe.scheduler = self._scheduler(first.scheduler)
+            images = pipe(height=first.height, width=first.width, **common).images
+        return [Result(j, im, self.record(j, im)) for j, im in zip(batch, images)]
+
+    def generate(self, jobs: Iterable[Job], batch_size: int = 1) -> Iterator[Result]:
+        """Resolve, batch and run jobs, yielding each Result as soon as its batch is done."""
+        resolved = [self.resolve(j) for j in jobs]
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1 (got {batch_size})")
+        for batch in self.batches(resolved, batch_size):
+            init_images = None
+            if batch[0].init_image is not None:
+                init_images = []
+                for j in batch:
+                    im, size = load_init_image(j.init_image, j.height, j.width, j.resize_mode, self.vae_scale_factor)
+                    j.width, j.height = size
+                    init_images.append(im)
+                # images of different sizes cannot share a batch
+                groups: dict[tuple, list[int]] = {}
+                for i, j in enumerate(batch):
+                    groups.setdefault((j.width, j.height), []).append(i)
+                for idx in groups.values():
+                    yield from self.run_batch([batch[i] for i in idx], [init_images[i] for i in idx])
+            else:
+                yield from self.run_batch(batch)
+
+    def txt2img(self, prompt: str | list[str], **settings) -> list:
+        """Python API: images for one or more prompts (settings as in `Job`, plus ``num_images``, ``batch_size``)."""
+        return [r.image for r in self.generate(_jobs_from_api(prompt, settings), settings.get("batch_size", 1))]
+
+    def img2img(self, prompt: str | list[str], init_image: str, **settings) -> list:
+        """Python API: edit `init_image` (a path) with `prompt`; settings as for `txt2img` plus ``strength``."""
+        settings["init_image"] = str(init_image)
+        return [r.image for r in self.generate(_jobs_from_api(prompt, settings), settings.get("batch_size", 1))]
+
+    # --- metadata ---------------------------------------------------------------------------------------------
+
+    def record(self, job: Job, image) -> dict[str, Any]:
+        """Everything needed to regenerate this image (the JSON chunk of its PNG)."""
+        import diffusers
+        import torch
+        import transformers
+
+        import ldm_pipeline
+
+        rec = {
+            "mode": "img2img" if job.init_image is not None else "txt2img",
+            "prompt": job.prompt,
+            "negative_prompt": job.negative_prompt,
+            "seed": job.seed,
+            "num_inference_steps": job.num_inference_steps,
+            "guidance_scale": job.guidance_scale,
+            "guidance_rescale": job.guidance_rescale,
+            "scheduler": job.scheduler,
+            "sampler_name": SCHEDULERS[job.scheduler].a1111_name,
+            "scheduler_config": _jsonable(dict(self._scheduler(job.scheduler).config)),
+            "eta": job.eta,
+            "clip_skip": job.clip_skip,
+            "width": image.width,
+            "height": image.height,
+            "model": {"name": self.info.name, "source": self.info.source, "hash": self.info.hash, "path": self.info.path},
+            "lora": [{"path": p, "hash": _path_hash(p)} for p in self.options.lora],
+            "lora_scale": self.options.lora_scale if self.options.lora else None,
+            "dtype": self.options.dtype,
+            "device_type": self.device.split(":")[0],
+            "versions": {
+                "ldm_pipeline": ldm_pipeline.__version__,
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+            },
+        }
+        if job.init_image is not None:
+            from ldm_pipeline.models import file_sha256
+
+            rec.update(
+                strength=job.strength,
+                init_image=str(job.init_image),
+                init_image_sha256=file_sha256(job.init_image),
+                resize_mode=job.resize_mode,
+            )
+        return rec
+
+
+def load_lora(pipe, path: str) -> None:
+    """Load LoRA weights saved by ``ldm train --lora-rank`` (diffusers' load_lora_weights format)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"LoRA not found: {path}")
+    try:
+        if p.is_dir():
+            pipe.load_lora_weights(str(p), adapter_name=f"lora{len(pipe.get_list_adapters() or {})}")
+        else:
+            pipe.load_lora_weights(str(p.parent), weight_name=p.name)
+    except (ValueError, OSError, KeyError) as e:
+        raise UserError(f"cannot load LoRA {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _path_hash(path: str) -> str:
+    from ldm_pipeline.models import file_sha256, folder_hash
+
+    p = Path(path)
+    return (folder_hash(p) if p.is_dir() else file_sha256(p))[:10]
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = [x if isinstance(x, (str, int, float, bool)) or x is None else str(x) for x in v]
+        else:
+            out[k] = str(v)
+    return out
+
+
+def _jobs_from_api(prompt: str | list[str], settings: dict[str, Any]) -> list[Job]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    settings = dict(settings)
+    num = settings.pop("num_images", 1)
+    settings.pop("batch_size", None)
+    seed = settings.pop("seed", None)
+    if seed is None:
+        seed = random_seed()
+    jobs = []
+    for p in prompts:
+        for _ in range(num):
+            jobs.append(Job(prompt=p, seed=(seed + len(jobs)) % (MAX_SEED + 1), index=len(jobs), **settings))
+    return jobs
+
+
+# --- init images --------------------------------------------------------------------------------------------
+
+
+def expand_image_paths(spec: str) -> list[str]:
+    """A file, a folder (its images, sorted) or a glob → image paths; a UserError when nothing matches."""
+    import glob
+
+    exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        paths = sorted(str(x) for x in p.iterdir() if x.suffix.lower() in exts)
+        if not paths:
+            raise UserError(f"no images in folder {spec} (looked for {', '.join(exts)})")
+        return paths
+    if p.is_file():
+        return [str(p)]
+    if any(c in spec for c in "*?["):
+        paths = sorted(x for x in glob.glob(os.path.expanduser(spec)) if Path(x).suffix.lower() in exts)
+        if not paths:
+            raise UserError(f"no images match {spec}")
+        return paths
+    raise UserError(f"init image not found: {spec}")
+
+
+def load_init_image(path: str, height: int | None, width: int | None, mode: str, factor: int):
+    """Open an init image (EXIF-rotated, RGB) and fit it to (width, height), or to its own size rounded to the VAE
+    factor when no size is given; returns (image, (width, height))."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im = _to_rgb(im)
+    except FileNotFoundError:
+        raise UserError(f"init image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read init image {path}: {str(e).splitlines()[0][:200]}") from None
+    if width is None or height is None:
+        w, h = im.size
+        rnd = {"crop": math.floor, "pad": math.ceil, "stretch": round}[mode]
+        tw = width or max(factor, rnd(w / factor) * factor)
+        th = height or max(factor, rnd(h / factor) * factor)
+    else:
+        tw, th = width, height
+    return fit_image(im, tw, th, mode), (tw, th)
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im, mask=im.split()[-1])
+        return bg
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        a = (a / max(a.max(), 1) * 255).round().astype("uint8")
+        return Image.fromarray(a).convert("RGB")
+    return im.convert("RGB")
+
+
+def fit_image(im, width: int, height: int, mode: str):
+    """Resize to exactly (width, height): ``crop`` fills and centre-crops, ``pad`` fits and pads with the edge
+    colour mean, ``stretch`` ignores the aspect ratio."""
+    from PIL import Image
+
+    if im.size == (width, height):
+        return im
+    if mode == "stretch":
+        return im.resize((width, height), Image.LANCZOS)
+    w, h = im.size
+    if mode == "crop":
+        s = max(width / w, height / h)
+        nw, nh = max(width, round(w * s)), max(height, round(h * s))
+        im = im.resize((nw, nh), Image.LANCZOS)
+        left, top = (nw - width) // 2, (nh - height) // 2
+        return im.crop((left, top, left + width, top + height))
+    s = min(width / w, height / h)
+    nw, nh = max(1, round(w * s)), max(1, round(h * s))
+    im = im.resize((nw, nh), Image.LANCZOS)
+    canvas = Image.new("RGB", (width, height), _edge_colour(im))
+    canvas.paste(im, ((width - nw) // 2, (height - nh) // 2))
+    return canvas
+
+
+def _edge_colour(im) -> tuple[int, int, int]:
+    import numpy as np
+
+    a = np.asarray(im)
+    edge = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    return tuple(int(x) for x in edge.mean(axis=0).round())
+
+
+# --- outputs ------------------------------------------------------------------------------------------------
+
+
+def next_number(outdir: Path) -> int:
+    """1 + the highest NNNNN prefix of files in `outdir` (so numbering continues after existing images)."""
+    best = -1
+    if outdir.is_dir():
+        for p in outdir.iterdir():
+            head = p.name.split("-", 1)[0].split(".", 1)[0]
+            if head.isdigit():
+                best = max(best, int(head))
+    return best + 1
+
+
+def save_png(image, path: Path, record: dict[str, Any] | None = None) -> Path:
+    """Write atomically and never overwrite: a temporary file, then a hard link to a free name (the next number
+    up if `path` was taken meanwhile). Returns the final path."""
+    from ldm_pipeline.metadata import png_info
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=png_info(record) if record else None)
+        final = path
+        while True:
+            try:
+                os.link(tmp, final)
+                break
+            except FileExistsError:
+                final = _bump(final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def _bump(path: Path) -> Path:
+    head, _, tail = path.name.partition("-")
+    if head.isdigit():
+        return path.with_name(f"{int(head) + 1:0{len(head)}d}-{tail}")
+    return path.with_name(f"{path.stem}-1{path.suffix}")
+
+
+def check_outdir(outdir: Path) -> None:
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {outdir}: {e.strerror}; choose another --outdir") from None
+    if not os.access(outdir, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {outdir} is not writable: choose another --outdir")
+
+
+def make_grid(images: list, cols: int | None = None):
+    """A plain grid of equally sized images (rows × cols, near square)."""
+    from PIL import Image
+
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), (0, 0, 0))
+    for i, im in enumerate(images):
+        if im.size != (w, h):
+            im = im.resize((w, h))
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def log(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr)
