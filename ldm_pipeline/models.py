@@ -367,7 +367,11 @@ def load_pipeline(
     model = resolve_model(model)
     import diffusers
 
-    diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" is noise for a CLI user
+    import transformers
+
+    # "Loading pipeline components" / "Loading weights" bars are noise for a CLI user
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     path = Path(model).expanduser()
     kwargs = dict(safety_checker=None, requires_safety_checker=False)
     if torch_dtype is not None:

@@ -168,7 +168,8 @@ class Generator:
         """Fill a job's unset fields from the model's defaults and check them."""
         d = self.defaults
         job = dataclasses.replace(job)
-        job.num_inference_steps = job.num_inference_steps or d.num_inference_steps
+        if job.num_inference_steps is None:
+            job.num_inference_steps = d.num_inference_steps
         job.guidance_scale = d.guidance_scale if job.guidance_scale is None else job.guidance_scale
         job.scheduler = check_scheduler_name(job.scheduler or d.scheduler)
         if job.seed is None:
@@ -179,8 +180,9 @@ class Generator:
             raise UserError(f"steps must be at least 1 (got {job.num_inference_steps})")
         if job.guidance_scale < 0:
             raise UserError(f"guidance scale must be >= 0 (got {job.guidance_scale})")
-        if job.clip_skip < 1 or job.clip_skip >= self.pipe.text_encoder.config.num_hidden_layers:
-            raise UserError(f"clip skip must be 1..{self.pipe.text_encoder.config.num_hidden_layers - 1} (1 = last layer)")
+        layers = self.pipe.text_encoder.config.num_hidden_layers
+        if not 1 <= job.clip_skip <= layers:
+            raise UserError(f"clip skip must be 1..{layers} (1 = last layer, 2 = penultimate)")
         if job.eta and job.scheduler not in ETA_SCHEDULERS:
             raise UserError(f"--eta applies to {' and '.join(ETA_SCHEDULERS)} only, not {job.scheduler}")
         if job.init_image is not None:
@@ -440,6 +442,19 @@ def expand_image_paths(spec: str) -> list[str]:
             raise UserError(f"no images match {spec}")
         return paths
     raise UserError(f"init image not found: {spec}")
+
+
+def check_image_readable(path: str) -> None:
+    """Fail early (before any model loads) on a missing or non-image init image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        raise UserError(f"init image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read init image {path}: {str(e).splitlines()[0][:200]}") from None
 
 
 def load_init_image(path: str, height: int | None, width: int | None, mode: str, factor: int):

@@ -125,7 +125,8 @@ def encode_chunks(text_encoder, chunk_ids: list[list[int]], clip_skip: int = 1, 
         else:
             hidden = text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)
             out = hidden.hidden_states[-clip_skip]
-            out = text_encoder.text_model.final_layer_norm(out)
+            # transformers 5 flattened CLIPTextModel (no .text_model), which breaks diffusers' own clip_skip path
+            out = getattr(text_encoder, "text_model", text_encoder).final_layer_norm(out)
         embeds.append(out)
     return torch.cat(embeds, dim=1).to(dtype=text_encoder.dtype)
 
@@ -140,6 +141,9 @@ def apply_weights(embeds, weights: list[list[float]]):
     original_mean = embeds.float().mean()
     scaled = embeds * flat.reshape(1, -1, 1)
     new_mean = scaled.float().mean()
+    # A1111 divides by the new mean; for encoders whose output mean is ~0 that ratio explodes, so skip it there
+    if new_mean.abs() < 1e-3 * scaled.float().abs().mean() or not torch.isfinite(original_mean / new_mean):
+        return scaled
     return scaled * (original_mean / new_mean).to(embeds.dtype)
 
 

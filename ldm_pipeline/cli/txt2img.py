@@ -40,8 +40,8 @@ def check_args(args: argparse.Namespace, img2img: bool) -> None:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
     for name in ("height", "width"):
         v = getattr(args, name)
-        if v is not None and (v <= 0 or v % 8):
-            raise UserError(f"--{name} {v} is not a positive multiple of 8 (the VAE factor of SD models)")
+        if v is not None and v <= 0:
+            raise UserError(f"--{name} must be positive (got {v})")
     if img2img:
         if not 0 < args.strength <= 1:
             raise UserError(f"--strength must be in (0, 1] (got {args.strength})")
@@ -53,7 +53,7 @@ def check_args(args: argparse.Namespace, img2img: bool) -> None:
 
 def jobs_from_args(args: argparse.Namespace, img2img: bool) -> list:
     """Expand prompts × images (× init images) into Jobs; image i of the run gets seed + i."""
-    from ldm_pipeline.pipeline import MAX_SEED, Job, expand_image_paths, random_seed
+    from ldm_pipeline.pipeline import MAX_SEED, Job, check_image_readable, expand_image_paths, random_seed
     from ldm_pipeline.prompts import read_prompt_file
 
     rows = read_prompt_file(args.from_file) if args.from_file else [{"prompt": p} for p in args.prompt]
@@ -83,6 +83,9 @@ def jobs_from_args(args: argparse.Namespace, img2img: bool) -> list:
         if img2img and not init_spec:
             raise UserError(f"no init image for prompt '{row['prompt'][:40]}': pass --init-image or an init_image column")
         inits = expand_image_paths(init_spec) if img2img else [None]
+        for path in inits:
+            if path is not None:
+                check_image_readable(path)
         for init in inits:
             for k in range(n):
                 i = len(jobs)
@@ -172,7 +175,8 @@ def generate_and_save(gen, jobs: list, args: argparse.Namespace, outdir: Path, s
         bar.close()
         print(f"interrupted: {len(saved)} finished image(s) kept in {outdir}", file=sys.stderr)
         return 130
-    bar.close()
+    finally:
+        bar.close()  # so an error message starts on a line of its own
     if args.grid and saved:
         from ldm_pipeline.distributed import gather_grid_images
 

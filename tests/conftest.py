@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random model built from configs/models/tiny.yaml, offline settings."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may touch the network at test time
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.pop("LDM_MODEL", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random tiny model folder (as `ldm init-model --config tiny --seed 0` writes it)."""
+    from ldm_pipeline.models import init_model
+
+    return init_model("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def generator(tiny_model):
+    """The tiny model loaded once for in-process generation tests."""
+    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+
+    return Generator.load(str(tiny_model), RuntimeOptions(device="cpu"))
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
+    """Run the real `ldm` console script in a subprocess."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("ldm")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "ldm_pipeline", *args]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
