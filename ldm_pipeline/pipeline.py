@@ -118,6 +118,7 @@ class Generator:
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self._img2img = None
         self._schedulers: dict[str, Any] = {}
+        self._exec_device_cache = None
         diffusers.utils.logging.disable_progress_bar()  # our own bar counts images; diffusers' would count steps
         pipe.set_progress_bar_config(disable=True)
 
@@ -236,7 +237,10 @@ class Generator:
 
     @property
     def _exec_device(self):
-        return self.pipe._execution_device
+        # pipe._execution_device walks every module (~4 ms a call on the tiny model); it cannot change after load
+        if self._exec_device_cache is None:
+            self._exec_device_cache = self.pipe._execution_device
+        return self._exec_device_cache
 
     def _batch_key(self, job: Job) -> tuple:
         from ldm_pipeline.prompts import count_chunks

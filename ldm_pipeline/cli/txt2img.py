@@ -157,7 +157,7 @@ def run(args: argparse.Namespace, img2img: bool = False) -> int:
 
 
 def generate_and_save(gen, jobs: list, args: argparse.Namespace, outdir: Path, start_number: int, state) -> int:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from ldm_pipeline.pipeline import make_grid, save_png
 

@@ -1,0 +1,549 @@
+"""Readers for the layouts LAION-style data comes in, each cut into shards that yield raw (undecoded) samples.
+
+* webdataset tars (img2dataset: KEY.jpg + KEY.txt + KEY.json): local tars are read by random access from their
+  header index (`tarfile` reads only headers when listing), URLs (s3://, https://, pipe:) are streamed;
+* parquet with an image-bytes column (img2dataset ``jpg`` + ``caption``): one file or row group per shard,
+  read row group by row group so memory stays flat;
+* an image folder with ``metadata.jsonl``/``metadata.csv`` (diffusers imagefolder: ``file_name`` + text column);
+* a Hugging Face dataset by name (needs the optional ``datasets`` package).
+
+A shard yields ``(index, RawSample)`` in a deterministic order: shuffled from a seed string, starting at any index
+without reading what comes before it (streamed URLs must read past it, but nothing is decoded). Every sample carries
+a JSON-ready ``ref`` (shard id, item) that `Shard.fetch` reads again exactly; the loader's resume state uses both.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import math
+import os
+import random
+import re
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldm_pipeline.data.stats import DataStats
+from ldm_pipeline.errors import UserError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+IMAGE_COLUMNS = ("jpg", "png", "webp", "image", "img", "image_bytes", "bytes")
+CAPTION_COLUMNS = ("caption", "txt", "text", "TEXT", "prompt")
+# Streams: webdataset's gopen handles pipe:/http(s)/gs/hf (curl, gsutil); fsspec covers s3://, gcs://, az:// etc.
+WDS_SCHEMES = ("pipe", "http", "https", "gs", "ais", "hf")
+
+Want = Callable[[int], bool] | None
+
+
+@dataclass
+class RawSample:
+    """One sample as stored: nothing decoded yet."""
+
+    key: str  # unique within the dataset (shard name / sample key), seeds the per-sample randomness
+    ref: list[Any]  # [shard id, item]: enough to read this sample again with Shard.fetch
+    image: bytes | str | None  # encoded image bytes, or a local file path (image folders)
+    caption: str | None
+    meta: dict[str, Any] = field(default_factory=dict)  # img2dataset json / parquet row / metadata row
+
+
+def is_url(spec: str) -> bool:
+    """True for ``scheme://…`` and ``pipe:…`` specs other than local ``file://``."""
+    return spec.startswith("pipe:") or ("://" in spec and not spec.startswith("file://"))
+
+
+def open_url(url: str):
+    """A readable binary stream for a URL (webdataset's gopen for pipe:/http/gs, fsspec for the rest)."""
+    scheme = url.split(":", 1)[0]
+    if scheme in WDS_SCHEMES:
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    import fsspec
+
+    try:
+        return fsspec.open(url, "rb").open()
+    except ImportError as e:  # e.g. s3:// without s3fs: a setup problem, not a bad shard
+        raise UserError(f"cannot open {url}: {e}") from None
+
+
+def _local(spec: str) -> str:
+    return spec[len("file://") :] if spec.startswith("file://") else spec
+
+
+def _split_key(name: str) -> tuple[str | None, str | None]:
+    # webdataset's convention: the key is everything before the first dot of the basename
+    from webdataset.tariterators import base_plus_ext
+
+    return base_plus_ext(name)
+
+
+def _caption_from(parts: dict[str, Any], caption_ext: str | None, meta: dict[str, Any]) -> str | None:
+    exts = (caption_ext,) if caption_ext else ("txt", "caption", "text")
+    for ext in exts:
+        value = parts.get(ext)
+        if value is not None:
+            return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    value = meta.get("caption")
+    return value if isinstance(value, str) else None
+
+
+def _tar_sample(shard: Shard, key: str, parts: dict[str, bytes], image_ext: str | None, caption_ext: str | None):
+    meta: dict[str, Any] = {}
+    if "json" in parts:
+        try:
+            loaded = json.loads(parts["json"])
+            meta = loaded if isinstance(loaded, dict) else {}
+        except ValueError:
+            meta = {}
+    exts = (image_ext,) if image_ext else IMAGE_EXTS
+    image = next((parts[e] for e in exts if e in parts), None)
+    if image is None:  # a payload under an unexpected extension (e.g. .bin): let the decoder judge it
+        image = next((v for e, v in parts.items() if e not in ("json", "txt", "caption", "text")), None)
+    caption = _caption_from(parts, caption_ext, meta)
+    return RawSample(f"{shard.name}/{key}", [shard.shard_id, key], image, caption, meta)
+
+
+def _permutation(n: int, seed: str | None) -> list[int]:
+    order = list(range(n))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    return order
+
+
+class Shard:
+    """A unit of work: a tar, a parquet file or row group, or an index range. Subclasses implement both methods."""
+
+    shard_id: int
+    name: str
+
+    def iterate(self, seed: str | None, start: int, want: Want, stats: DataStats) -> Iterator[tuple[int, RawSample]]:
+        """Samples from position `start` of the order `seed` gives (None = stored order), those `want` accepts."""
+        raise NotImplementedError
+
+    def fetch(self, items: list[Any]) -> dict[Any, RawSample]:
+        """Read the samples whose ref items are `items` (hashable form: lists become tuples)."""
+        raise NotImplementedError
+
+
+class LocalTarShard(Shard):
+    """A webdataset tar on local disk: member index from the headers, payloads read by seek."""
+
+    def __init__(self, path: str, shard_id: int, image_ext: str | None, caption_ext: str | None):
+        self.path, self.shard_id, self.image_ext, self.caption_ext = path, shard_id, image_ext, caption_ext
+        self.name = Path(path).name.split(".")[0]
+
+    def index(self) -> tuple[list[tuple[str, dict[str, tarfile.TarInfo]]], bool]:
+        """(key, {ext: member}) groups in tar order, and whether the file is truncated (its last group dropped)."""
+        size = os.path.getsize(self.path)
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        truncated = False
+        end = 0
+        with open(self.path, "rb") as f:
+            try:
+                tf = tarfile.open(fileobj=f, mode="r:")
+                while True:
+                    member = tf.next()
+                    if member is None:
+                        break
+                    if not member.isreg():
+                        continue
+                    if member.offset_data + member.size > size:
+                        truncated = True
+                        break
+                    end = member.offset_data + math.ceil(member.size / 512) * 512
+                    key, ext = _split_key(member.name)
+                    if key is None or os.path.basename(key).startswith("__"):
+                        continue
+                    groups.setdefault(key, {})[ext.lower()] = member
+            except (tarfile.TarError, EOFError, OSError):
+                truncated = True
+        truncated = truncated or size < end + 1024  # a complete tar ends with two zero blocks
+        out = list(groups.items())
+        if truncated and out:
+            out.pop()  # the group the cut went through may be missing members
+        return out, truncated
+
+    def _read(self, f, key: str, members: dict[str, tarfile.TarInfo]) -> RawSample:
+        parts = {}
+        for ext, m in members.items():
+            f.seek(m.offset_data)
+            parts[ext] = f.read(m.size)
+        return _tar_sample(self, key, parts, self.image_ext, self.caption_ext)
+
+    def iterate(self, seed, start, want, stats):
+        groups, truncated = self.index()
+        order = _permutation(len(groups), seed)
+        with open(self.path, "rb") as f:
+            for j in range(start, len(groups)):
+                if want is None or want(j):
+                    key, members = groups[order[j]]
+                    yield j, self._read(f, key, members)
+        if truncated and (want is None or want(0)):
+            stats.note("truncated_shard")
+
+    def fetch(self, items):
+        groups = dict(self.index()[0])
+        with open(self.path, "rb") as f:
+            return {k: self._read(f, k, groups[k]) for k in items if k in groups}
+
+
+class StreamTarShard(Shard):
+    """A webdataset tar behind a URL: read front to back, shuffled through a buffer of `buffer` samples."""
+
+    def __init__(self, url: str, shard_id: int, image_ext: str | None, caption_ext: str | None, buffer: int):
+        self.url, self.shard_id, self.image_ext, self.caption_ext = url, shard_id, image_ext, caption_ext
+        self.buffer = buffer
+        self.name = url.rstrip("/").split("/")[-1].split(".")[0] or f"shard{shard_id}"
+        self.truncated = False
+
+    def _stream(self) -> Iterator[RawSample]:
+        from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+        self.truncated = False
+        stream = open_url(self.url)
+        try:
+            files = ({**f, "__url__": self.url} for f in tar_file_iterator(stream))
+            for parts in group_by_keys(files):
+                key = parts.pop("__key__")
+                parts = {k: v for k, v in parts.items() if not k.startswith("__")}
+                yield _tar_sample(self, key, parts, self.image_ext, self.caption_ext)
+        except (tarfile.TarError, EOFError, OSError, ValueError):
+            self.truncated = True  # stop this shard, keep what was read
+        finally:
+            stream.close()
+
+    def _shuffled(self, seed: str | None) -> Iterator[RawSample]:
+        if seed is None or self.buffer <= 1:
+            yield from self._stream()
+            return
+        rng = random.Random(seed)
+        buf: list[RawSample] = []
+        for sample in self._stream():
+            if len(buf) < self.buffer:
+                buf.append(sample)
+                continue
+            i = rng.randrange(len(buf))
+            buf[i], sample = sample, buf[i]
+            yield sample
+        rng.shuffle(buf)
+        yield from buf
+
+    def iterate(self, seed, start, want, stats):
+        for j, sample in enumerate(self._shuffled(seed)):
+            if j >= start and (want is None or want(j)):
+                yield j, sample
+        if self.truncated and (want is None or want(0)):
+            stats.note("truncated_shard")
+
+    def fetch(self, items):
+        wanted = set(items)
+        return {s.ref[1]: s for s in self._stream() if s.ref[1] in wanted}
+
+
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+
+    if is_url(path):
+        import fsspec
+
+        try:
+            return pq.ParquetFile(fsspec.open(path, "rb").open())  # parquet needs seeks: fsspec, never a pipe
+        except ImportError as e:
+            raise UserError(f"cannot open {path}: {e}") from None
+    return pq.ParquetFile(_local(path))
+
+
+def parquet_columns(schema, image_column: str | None, caption_column: str | None, where: str) -> tuple[str, str]:
+    """The image and caption column names of a parquet schema (given, or the usual img2dataset/HF names)."""
+    names = list(schema.names)
+    image = image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
+    caption = caption_column or next((c for c in CAPTION_COLUMNS if c in names), None)
+    if image is None or image not in names:
+        raise UserError(f"{where}: no image column {image_column or ''} (columns: {', '.join(names)}); "
+                        "set data.image_column")
+    if caption is None or caption not in names:
+        raise UserError(f"{where}: no caption column {caption_column or ''} (columns: {', '.join(names)}); "
+                        "set data.caption_column")
+    return image, caption
+
+
+class ParquetShard(Shard):
+    """A parquet file (or some of its row groups); rows read one row group at a time."""
+
+    def __init__(self, path: str, shard_id: int, row_groups: list[int] | None, image_col: str | None,
+                 caption_col: str | None):
+        self.path, self.shard_id, self.row_groups = path, shard_id, row_groups
+        self.image_col, self.caption_col = image_col, caption_col
+        self.stem = path.rstrip("/").split("/")[-1].split(".")[0]  # keys use the file only: same with any split
+        self.name = self.stem if row_groups is None or len(row_groups) != 1 else f"{self.stem}.rg{row_groups[0]}"
+
+    def _rows(self, pf, rg: int) -> list[dict[str, Any]]:
+        import pyarrow as pa
+
+        image, caption = parquet_columns(pf.schema_arrow, self.image_col, self.caption_col, self.path)
+        # skip other binary columns (extra image columns would double the memory for nothing)
+        cols = [f.name for f in pf.schema_arrow if f.name in (image, caption)
+                or not (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))]
+        table = pf.read_row_group(rg, columns=cols)
+        data = table.to_pydict()
+        n = table.num_rows
+        rows = []
+        for r in range(n):
+            meta = {c: data[c][r] for c in cols if c not in (image, caption)}
+            img = data[image][r]
+            if isinstance(img, dict):  # HF Image feature stored as {bytes, path}
+                img = img.get("bytes")
+            cap = data[caption][r]
+            rows.append({"image": img, "caption": cap if isinstance(cap, str) else None, "meta": meta})
+        return rows
+
+    def _sample(self, rg: int, row: int, r: dict[str, Any]) -> RawSample:
+        key = r["meta"].get("key")
+        key = key if isinstance(key, str) and key else f"{rg}.{row}"
+        return RawSample(f"{self.stem}/{key}", [self.shard_id, [rg, row]], r["image"], r["caption"], r["meta"])
+
+    def iterate(self, seed, start, want, stats):
+        pf = _parquet_file(self.path)
+        groups = self.row_groups if self.row_groups is not None else list(range(pf.num_row_groups))
+        order = _permutation(len(groups), seed)
+        base = 0
+        for gi in order:
+            rg = groups[gi]
+            n = pf.metadata.row_group(rg).num_rows
+            if base + n <= start or (want is not None and not any(want(j) for j in range(max(base, start), base + n))):
+                base += n  # nothing wanted here: the row group is not read at all
+                continue
+            rows = self._rows(pf, rg)
+            perm = _permutation(n, None if seed is None else f"{seed}:rg{rg}")
+            for i in range(max(0, start - base), n):
+                if want is None or want(base + i):
+                    yield base + i, self._sample(rg, perm[i], rows[perm[i]])
+            base += n
+
+    def fetch(self, items):
+        pf = _parquet_file(self.path)
+        out = {}
+        for rg in sorted({tuple(i)[0] for i in items}):
+            rows = self._rows(pf, rg)
+            for item in items:
+                if tuple(item)[0] == rg:
+                    out[tuple(item)] = self._sample(rg, item[1], rows[item[1]])
+        return out
+
+
+class ImageFolderTable:
+    """diffusers imagefolder metadata: ``file_name`` + caption column; jsonl is indexed by line offsets."""
+
+    def __init__(self, root: Path, metadata: Path, caption_column: str | None):
+        self.root, self.metadata = root, metadata
+        if metadata.suffix == ".jsonl":
+            offsets, pos = [], 0
+            with open(metadata, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        offsets.append(pos)
+                    pos += len(line)
+            # offsets, not rows: a million-image folder costs 8 MB per worker instead of its whole table
+            self.offsets, self.rows = np.asarray(offsets, dtype=np.int64), None
+            first = self._row(0) if offsets else {}
+        else:
+            with open(metadata, newline="", encoding="utf-8") as f:
+                self.rows = list(csv.DictReader(f))
+            self.offsets, first = None, (self.rows[0] if self.rows else {})
+        if first and "file_name" not in first:
+            raise UserError(f"{metadata}: needs a file_name column (diffusers imagefolder layout)")
+        self.caption_column = caption_column or next((c for c in ("text", *CAPTION_COLUMNS) if c in first), None)
+        if first and self.caption_column not in first:
+            raise UserError(f"{metadata}: no caption column {caption_column or ''} (columns: {', '.join(first)}); "
+                            "set data.caption_column")
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.offsets)
+
+    def _row(self, i: int) -> dict[str, Any]:
+        if self.rows is not None:
+            return self.rows[i]
+        with open(self.metadata, "rb") as f:
+            f.seek(int(self.offsets[i]))
+            return json.loads(f.readline())
+
+    def get(self, i: int) -> tuple[str, str | bytes | None, str | None, dict[str, Any]]:
+        """(key, image path, caption, metadata row) of row `i`."""
+        row = self._row(i)
+        name = str(row.get("file_name", ""))
+        caption = row.get(self.caption_column)
+        meta = {k: v for k, v in row.items() if k not in ("file_name", self.caption_column)}
+        return name, str(self.root / name), caption if isinstance(caption, str) else None, meta
+
+
+class HFTable:
+    """A Hugging Face `datasets.Dataset`, images kept encoded (decode=False) until the sample is used."""
+
+    def __init__(self, name: str, split: str, image_column: str | None, caption_column: str | None):
+        try:
+            import datasets
+        except ImportError:
+            raise UserError(f"'{name}' is no local file or folder; reading it as a Hugging Face dataset needs the "
+                            "datasets package (pip install datasets)") from None
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except Exception as e:  # offline, unknown name, bad split: all one line for the user
+            raise UserError(f"cannot load Hugging Face dataset '{name}' (split {split}): "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        names = list(ds.column_names)
+        self.image_column = image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
+        self.caption_column = caption_column or next((c for c in ("text", *CAPTION_COLUMNS) if c in names), None)
+        if self.image_column not in names or self.caption_column not in names:
+            raise UserError(f"dataset '{name}': image/caption columns not found (columns: {', '.join(names)}); "
+                            "set data.image_column and data.caption_column")
+        if isinstance(ds.features.get(self.image_column), datasets.Image):
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def get(self, i: int) -> tuple[str, str | bytes | None, str | None, dict[str, Any]]:
+        row = self.ds[i]
+        image = row.get(self.image_column)
+        if isinstance(image, dict):
+            image = image.get("bytes") or image.get("path")
+        elif image is not None and not isinstance(image, (bytes, str)):  # already a PIL image
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            image = buf.getvalue()
+        caption = row.get(self.caption_column)
+        meta = {k: v for k, v in row.items() if k not in (self.image_column, self.caption_column)
+                and isinstance(v, (str, int, float, bool, type(None)))}
+        return str(i), image, caption if isinstance(caption, str) else None, meta
+
+
+class IndexShard(Shard):
+    """A range [start, stop) of an indexed table (image folder or HF dataset)."""
+
+    def __init__(self, table: ImageFolderTable | HFTable, shard_id: int, start: int, stop: int):
+        self.table, self.shard_id, self.start, self.stop = table, shard_id, start, stop
+        self.name = f"{start}"
+
+    def _sample(self, i: int) -> RawSample:
+        key, image, caption, meta = self.table.get(i)
+        return RawSample(key, [self.shard_id, i], image, caption, meta)
+
+    def iterate(self, seed, start, want, stats):
+        order = _permutation(self.stop - self.start, seed)
+        for j in range(start, len(order)):
+            if want is None or want(j):
+                yield j, self._sample(self.start + order[j])
+
+    def fetch(self, items):
+        return {i: self._sample(i) for i in items}
+
+
+def expand_spec(spec: str) -> list[str]:
+    """Brace ranges and globs → sorted file list (URL globs through fsspec); a directory or plain path stays."""
+    from braceexpand import braceexpand
+
+    if is_url(spec):
+        out = []
+        for part in braceexpand(spec):
+            if any(c in part for c in "*?[") and not part.startswith("pipe:"):
+                import fsspec
+
+                fs, path = fsspec.core.url_to_fs(part)
+                out.extend(sorted(fs.unstrip_protocol(p) for p in fs.glob(path)))
+            else:
+                out.append(part)
+        return out
+    spec = _local(spec)
+    if Path(spec).exists():
+        return [spec]
+    out: list[str] = []
+    for part in braceexpand(spec):
+        if any(c in part for c in "*?["):
+            out.extend(sorted(glob.glob(part, recursive=True)))
+        elif Path(part).exists():
+            out.append(part)
+    return out
+
+
+def _find_metadata(root: Path) -> Path | None:
+    for d in (root, root / "train"):
+        for name in ("metadata.jsonl", "metadata.csv"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def detect_format(spec: str, files: list[str]) -> str:
+    """webdataset / parquet / imagefolder / hf from what the spec names."""
+    if len(files) == 1 and Path(files[0]).is_dir():
+        root = Path(files[0])
+        if _find_metadata(root):
+            return "imagefolder"
+        if any(root.glob("*.tar")):
+            return "webdataset"  # img2dataset webdataset output also has metadata-only parquet files beside
+        if any(root.glob("*.parquet")):
+            return "parquet"
+        raise UserError(f"{spec}: no *.tar, *.parquet or metadata.jsonl/metadata.csv found; set data.format")
+    if not files:
+        if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.startswith("."):
+            return "hf"
+        raise UserError(f"data source '{spec}' matches no files: give a directory, glob, brace range "
+                        "(shards/{00000..00099}.tar), URL or Hugging Face dataset name")
+    names = [f.split("?")[0] for f in files]
+    if all(re.search(r"\.(tar|tgz|tar\.gz)$", n) for n in names):
+        return "webdataset"
+    if all(n.endswith(".parquet") for n in names):
+        return "parquet"
+    raise UserError(f"data source '{spec}': cannot tell the format from {files[0]}; set data.format")
+
+
+def open_sources(spec: str, format: str = "auto", image_column: str | None = None, caption_column: str | None = None,
+                 min_shards: int = 1, shuffle_buffer: int = 1000, hf_split: str = "train") -> list[Shard]:
+    """The shards of a data source. Lists files but opens no tar; parquet footers are read only when there are
+    fewer files than `min_shards` (then row groups become shards); index sources are cut into `min_shards`+ ranges.
+    """
+    if not spec:
+        raise UserError("no training data given: set data.source (directory, glob, brace range, URL or HF name)")
+    files = [] if format == "hf" else expand_spec(spec)
+    fmt = detect_format(spec, files) if format == "auto" else format
+    if fmt in ("webdataset", "parquet") and len(files) == 1 and Path(files[0]).is_dir():
+        ext = "*.tar" if fmt == "webdataset" else "*.parquet"
+        files = sorted(str(p) for p in Path(files[0]).glob(ext))
+    if fmt in ("webdataset", "parquet") and not files:
+        raise UserError(f"data source '{spec}' matches no {fmt} files")
+    if fmt == "webdataset":
+        return [LocalTarShard(_local(f), i, image_column, caption_column)
+                if not is_url(f) and f.endswith(".tar") else
+                StreamTarShard(f, i, image_column, caption_column, shuffle_buffer) for i, f in enumerate(files)]
+    if fmt == "parquet":
+        parquet_columns(_parquet_file(files[0]).schema_arrow, image_column, caption_column, files[0])
+        if len(files) >= min_shards:
+            return [ParquetShard(f, i, None, image_column, caption_column) for i, f in enumerate(files)]
+        shards: list[Shard] = []
+        for f in files:
+            for rg in range(_parquet_file(f).num_row_groups):
+                shards.append(ParquetShard(f, len(shards), [rg], image_column, caption_column))
+        return shards
+    if fmt == "imagefolder":
+        root = Path(files[0]) if files else Path(spec)
+        metadata = _find_metadata(root)
+        if metadata is None:
+            raise UserError(f"{spec}: image folder needs metadata.jsonl or metadata.csv (file_name + text columns)")
+        table: ImageFolderTable | HFTable = ImageFolderTable(metadata.parent, metadata, caption_column)
+    elif fmt == "hf":
+        table = HFTable(spec[3:] if spec.startswith("hf:") else spec, hf_split, image_column, caption_column)
+    else:
+        raise UserError(f"unknown data format '{fmt}' (auto, webdataset, parquet, imagefolder, hf)")
+    n = len(table)
+    if n == 0:
+        raise UserError(f"data source '{spec}' has no samples")
+    chunk = max(1, min(1000, math.ceil(n / max(1, min_shards))))
+    return [IndexShard(table, i, s, min(s + chunk, n)) for i, s in enumerate(range(0, n, chunk))]
