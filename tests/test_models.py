@@ -1,0 +1,104 @@
+"""Model configs, loading from every supported source, and the refusal of pickle checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from ldm_pipeline.config import config_dir
+from ldm_pipeline.errors import UserError
+from ldm_pipeline.models import load_model_spec, load_pipeline, load_tokenizer
+
+
+@pytest.mark.parametrize("path", sorted((config_dir() / "models").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_model_config_loads(path):
+    spec = load_model_spec(path)
+    assert spec.unet and spec.vae and spec.text_encoder and spec.scheduler["_class_name"]
+    f = 2 ** (len(spec.vae["block_out_channels"]) - 1)
+    assert spec.defaults.height % f == 0 and spec.defaults.width % f == 0
+
+
+def test_sd15_config_is_exactly_stable_diffusion_15():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = load_model_spec("sd15")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**spec.unet)
+        vae = AutoencoderKL(**spec.vae)
+        te = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(unet) == 859_520_964  # SD 1.5's UNet
+    assert count(vae) == 83_653_863
+    assert count(te) == 123_060_480  # CLIP ViT-L/14 text tower
+    assert 2 ** (len(spec.vae["block_out_channels"]) - 1) == 8
+    assert spec.text_encoder["max_position_embeddings"] == 77
+    s = spec.scheduler
+    assert (s["beta_schedule"], s["beta_start"], s["beta_end"]) == ("scaled_linear", 0.00085, 0.012)
+
+
+def test_clip_tokenizer_matches_openai_ids():
+    tok = load_tokenizer("clip-vit-large-patch14")
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408 and tok.model_max_length == 77
+    assert load_tokenizer("clip-vit-large-patch14-pad0").pad_token_id == 0  # SD 2.x pads with "!"
+
+
+def test_config_yaml_model_builds_random_weights():
+    pipe, info = load_pipeline("tiny", seed=3)
+    assert info.source == "config" and pipe.unet.config.sample_size == 16
+    pipe2, _ = load_pipeline("tiny", seed=3)
+    assert torch.equal(next(pipe.unet.parameters()), next(pipe2.unet.parameters()))
+
+
+def test_folder_loads_in_plain_diffusers_and_carries_defaults(tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model))
+    assert pipe.unet.config.cross_attention_dim == 32
+    defaults = json.loads((tiny_model / "ldm_defaults.json").read_text())
+    assert defaults["num_inference_steps"] == 20 and defaults["height"] == 64
+    _, info = load_pipeline(str(tiny_model))
+    assert info.defaults.num_inference_steps == 20 and len(info.hash) == 10
+    _, info2 = load_pipeline(str(tiny_model))
+    assert info.hash == info2.hash  # content hash is stable
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])
+def test_pickle_refused_without_flag(tmp_path, suffix):
+    f = tmp_path / f"model{suffix}"
+    torch.save({"x": torch.zeros(1)}, f)
+    with pytest.raises(UserError, match="--allow-pickle"):
+        load_pipeline(str(f))
+    # with the flag it is read with weights_only=True and then checked for the SD layout
+    with pytest.raises(UserError, match="not a Stable Diffusion"):
+        load_pipeline(str(f), allow_pickle=True)
+
+
+def test_pickle_with_code_is_not_executed(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    f = tmp_path / "evil.ckpt"
+    f.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    with pytest.raises(UserError):
+        load_pipeline(str(f), allow_pickle=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_hub_id_offline_is_one_line():
+    with pytest.raises(UserError, match="not available locally"):
+        load_pipeline("runwayml/stable-diffusion-v1-5")
+
+
+def test_non_sd_safetensors_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    f = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(f))
+    with pytest.raises(UserError, match="not a Stable Diffusion 1.x/2.x checkpoint"):
+        load_pipeline(str(f))
