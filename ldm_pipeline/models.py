@@ -8,7 +8,6 @@ model's own generation defaults) so generation, training and export share one lo
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
 import os
@@ -20,6 +19,7 @@ from typing import Any
 
 from ldm_pipeline.config import from_dict, load_yaml, resolve_config_path
 from ldm_pipeline.errors import UserError
+from ldm_pipeline.tokenizer import load_tokenizer
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
@@ -67,60 +67,6 @@ class ModelInfo:
 def load_model_spec(spec: str | Path) -> ModelSpec:
     """Read an architecture YAML (a path or a name under configs/models/)."""
     return from_dict(ModelSpec, load_yaml(resolve_config_path(spec, "models")))
-
-
-# --- tokenizers -----------------------------------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
-def clip_tokenizer_dir(name: str = "clip-vit-large-patch14") -> Path:
-    """A CLIPTokenizer folder for OpenAI CLIP's vocabulary, built offline from the BPE merges that ship with us.
-
-    CLIP's vocab.json is a pure function of its merges file (the construction in openai/CLIP's
-    simple_tokenizer.py); we ship that file (from open_clip, MIT) because no hub is reachable here.
-    ``...-pad0`` is SD 2.x's variant, which pads with "!" (id 0) instead of <|endoftext|>.
-    """
-    from transformers import CLIPTokenizer
-
-    out = CACHE_DIR / "tokenizers" / name
-    if (out / "tokenizer_config.json").is_file():
-        return out
-    merges = gzip.open(ASSETS / "clip" / "bpe_simple_vocab_16e6.txt.gz").read().decode("utf-8").split("\n")
-    merges = merges[1 : 49152 - 256 - 2 + 1]
-    alphabet = list(_bytes_to_unicode().values())
-    vocab = alphabet + [v + "</w>" for v in alphabet] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=_ensure(out.parent)))
-    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), "utf-8")
-    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
-    pad = "!" if name.endswith("-pad0") else "<|endoftext|>"
-    tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), pad_token=pad, model_max_length=77)
-    tok.save_pretrained(tmp)
-    _rename_into_place(tmp, out)
-    return out
-
-
-def load_tokenizer(name_or_path: str):
-    """A CLIPTokenizer from a folder, or one of the built-in CLIP vocabularies by name."""
-    from transformers import CLIPTokenizer
-
-    path = Path(name_or_path)
-    if not path.is_dir():
-        if not name_or_path.startswith("clip-vit-large-patch14"):
-            raise UserError(f"tokenizer '{name_or_path}' not found: pass a folder or clip-vit-large-patch14")
-        path = clip_tokenizer_dir(name_or_path)
-    return CLIPTokenizer.from_pretrained(path)
 
 
 # --- building from an architecture --------------------------------------------------------------------------
@@ -305,32 +251,58 @@ def offline_config_folder(arch: str) -> Path:
     if (out / "model_index.json").is_file():
         return out
     spec = load_model_spec(arch)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=_ensure(out.parent)))
-    for name, cls, cfg in (
-        ("unet", "UNet2DConditionModel", spec.unet),
-        ("vae", "AutoencoderKL", spec.vae),
-    ):
+    unet = {"_class_name": "UNet2DConditionModel", **spec.unet}
+    vae = {"_class_name": "AutoencoderKL", **spec.vae}
+    return _write_config_folder(out, unet, vae, spec.text_encoder, spec.tokenizer, spec.scheduler, spec.defaults)
+
+
+def _config_folder_from_metadata(path: Path) -> Path | None:
+    """For a file written by ``ldm export``: its architecture, from the configs it records in its metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not our concern here: the loader reports unreadable files
+        return None
+    if "ldm_pipeline.config" not in meta:
+        return None
+    configs = json.loads(meta["ldm_pipeline.config"])
+    digest = hashlib.sha256(meta["ldm_pipeline.config"].encode()).hexdigest()[:16]
+    out = CACHE_DIR / "single_file_configs" / f"meta-{digest}"
+    if (out / "model_index.json").is_file():
+        return out
+    te = configs["text_encoder"]
+    tokenizer = "clip-vit-large-patch14-pad0" if te.get("pad_token_id") == 0 else "clip-vit-large-patch14"
+    defaults = from_dict(GenerationDefaults, json.loads(meta.get("ldm_pipeline.defaults", "{}")))
+    return _write_config_folder(out, configs["unet"], configs["vae"], te, tokenizer, configs["scheduler"], defaults)
+
+
+def _write_config_folder(out: Path, unet: dict, vae: dict, text_encoder: dict, tokenizer: str, scheduler: dict,
+                         defaults: GenerationDefaults) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=_ensure(out.parent)))
+    for name, cfg in (("unet", unet), ("vae", vae)):
         _ensure(tmp / name)
-        (tmp / name / "config.json").write_text(json.dumps({"_class_name": cls, **cfg}, indent=2))
+        (tmp / name / "config.json").write_text(json.dumps(cfg, indent=2))
     _ensure(tmp / "text_encoder")
-    te = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **spec.text_encoder}
+    te = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **text_encoder}
     (tmp / "text_encoder" / "config.json").write_text(json.dumps(te, indent=2))
-    load_tokenizer(spec.tokenizer).save_pretrained(tmp / "tokenizer")
+    load_tokenizer(tokenizer).save_pretrained(tmp / "tokenizer")
     _ensure(tmp / "scheduler")
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec.scheduler, indent=2))
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     index = {
         "_class_name": "StableDiffusionPipeline",
         "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", spec.scheduler["_class_name"]],
+        "scheduler": ["diffusers", scheduler["_class_name"]],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    (tmp / DEFAULTS_FILE).write_text(json.dumps(dataclasses.asdict(spec.defaults), indent=2))
+    (tmp / DEFAULTS_FILE).write_text(json.dumps(dataclasses.asdict(defaults), indent=2))
     _rename_into_place(tmp, out)
     return out
 
@@ -358,15 +330,17 @@ def load_pipeline(
     torch_dtype=None,
     allow_pickle: bool = False,
     seed: int = 0,
+    model_config: str | None = None,
 ):
     """Load `model` as a StableDiffusionPipeline; returns (pipeline, ModelInfo).
 
     `model` may be a diffusers folder, a training checkpoint folder (its ``pipeline/`` subfolder), a single-file
-    SD 1.x/2.x checkpoint, an architecture YAML (random weights from `seed`), or a hub id.
+    SD 1.x/2.x checkpoint, an architecture YAML (random weights from `seed`), or a hub id. A single file's
+    architecture comes from `model_config` (a diffusers folder or a configs/models name) if given, else from the
+    metadata ``ldm export`` writes, else from its cross-attention width (SD 1.x or 2.x).
     """
     model = resolve_model(model)
     import diffusers
-
     import transformers
 
     # "Loading pipeline components" / "Loading weights" bars are noise for a CLI user
@@ -405,15 +379,19 @@ def load_pipeline(
             )
         if suffix not in SINGLE_FILE_SUFFIXES:
             raise UserError(f"unsupported model file {path.name}: expected .safetensors (or .ckpt with --allow-pickle)")
-        arch = detect_single_file_arch(path, allow_pickle)
+        if model_config is not None:  # the user names the architecture
+            config = Path(model_config) if Path(model_config).is_dir() else offline_config_folder(model_config)
+        elif suffix == ".safetensors" and (config := _config_folder_from_metadata(path)) is not None:
+            pass  # written by `ldm export`: it records its own architecture
+        else:
+            config = offline_config_folder(detect_single_file_arch(path, allow_pickle))
         from diffusers import StableDiffusionPipeline
 
-        config = offline_config_folder(arch)
         try:
             pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"cannot load {path.name} as an SD checkpoint: {_first_line(e)}") from None
-        defaults = load_model_spec(arch).defaults
+        defaults = _read_defaults(config, pipe)
         return pipe, ModelInfo(path.name, "single_file", file_sha256(path)[:10], defaults, str(path))
     if _looks_like_hub_id(model):
         from diffusers import StableDiffusionPipeline

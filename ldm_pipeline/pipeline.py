@@ -70,6 +70,7 @@ class RuntimeOptions:
     channels_last: bool = False
     compile: bool = False
     allow_pickle: bool = False
+    model_config: str | None = None  # architecture of a single-file checkpoint (folder or configs/models name)
     lora: list[str] = field(default_factory=list)
     lora_scale: float = 1.0
 
@@ -140,7 +141,9 @@ class Generator:
         options = options or RuntimeOptions()
         device = resolve_device(options.device)
         dtype = torch_dtype(options.dtype)
-        pipe, info = load_pipeline(model, torch_dtype=dtype, allow_pickle=options.allow_pickle)
+        pipe, info = load_pipeline(
+            model, torch_dtype=dtype, allow_pickle=options.allow_pickle, model_config=options.model_config
+        )
         for path in options.lora:
             load_lora(pipe, path)
         if options.lora:
@@ -352,7 +355,13 @@ class Generator:
             "clip_skip": job.clip_skip,
             "width": image.width,
             "height": image.height,
-            "model": {"name": self.info.name, "source": self.info.source, "hash": self.info.hash, "path": self.info.path},
+            "model": {
+                "name": self.info.name,
+                "source": self.info.source,
+                "hash": self.info.hash,
+                "path": self.info.path,
+                "config": self.options.model_config,
+            },
             "lora": [{"path": p, "hash": _path_hash(p)} for p in self.options.lora],
             "lora_scale": self.options.lora_scale if self.options.lora else None,
             "dtype": self.options.dtype,

@@ -7,16 +7,24 @@ tokenizes (rare words fall back to single characters instead of <unk>).
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from ldm_pipeline.errors import UserError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+CACHE_DIR = Path(os.environ.get("LDM_PIPELINE_CACHE", Path.home() / ".cache" / "ldm_pipeline"))
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
 
-def _byte_alphabet() -> list[str]:
-    """CLIP's bytes_to_unicode table: the 256 printable stand-ins for raw bytes."""
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's table of 256 printable stand-ins for raw bytes (openai/CLIP simple_tokenizer.py)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -25,7 +33,7 @@ def _byte_alphabet() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for c in cs]
+    return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def build_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 1024, model_max_length: int = 77):
@@ -35,7 +43,7 @@ def build_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    alphabet = _byte_alphabet()
+    alphabet = list(bytes_to_unicode().values())
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     # CLIP lower-cases and splits on words / digits / punctuation; ByteLevel maps bytes to the same stand-ins.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -66,3 +74,52 @@ def build_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
     tokenizer = CLIPTokenizer(str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), model_max_length=model_max_length)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
+
+
+def clip_tokenizer_dir(name: str = "clip-vit-large-patch14") -> Path:
+    """A CLIPTokenizer folder for OpenAI CLIP's vocabulary, built offline from the BPE merges that ship with us.
+
+    CLIP's vocab.json is a pure function of its merges file (the construction in openai/CLIP's
+    simple_tokenizer.py); we ship that file (from open_clip, MIT) because no hub is reachable here.
+    ``...-pad0`` is SD 2.x's variant, which pads with "!" (id 0) instead of <|endoftext|>.
+    """
+    from transformers import CLIPTokenizer
+
+    out = CACHE_DIR / "tokenizers" / name
+    if (out / "tokenizer_config.json").is_file():
+        return out
+    merges = gzip.open(ASSETS / "clip" / "bpe_simple_vocab_16e6.txt.gz").read().decode("utf-8").split("\n")
+    merges = merges[1 : 49152 - 256 - 2 + 1]
+    alphabet = list(bytes_to_unicode().values())
+    vocab = alphabet + [v + "</w>" for v in alphabet] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=_mkdir(out.parent)))
+    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), "utf-8")
+    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+    pad = "!" if name.endswith("-pad0") else "<|endoftext|>"
+    tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), pad_token=pad, model_max_length=77)
+    tok.save_pretrained(tmp)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process built it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_tokenizer(name_or_path: str):
+    """A CLIPTokenizer from a folder, or one of the built-in CLIP vocabularies by name."""
+    from transformers import CLIPTokenizer
+
+    path = Path(name_or_path)
+    if not path.is_dir():
+        if not name_or_path.startswith("clip-vit-large-patch14"):
+            raise UserError(f"tokenizer '{name_or_path}' not found: pass a folder or clip-vit-large-patch14")
+        path = clip_tokenizer_dir(name_or_path)
+    return CLIPTokenizer.from_pretrained(path)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

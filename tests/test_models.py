@@ -7,7 +7,8 @@ import torch
 
 from ldm_pipeline.config import config_dir
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.models import load_model_spec, load_pipeline, load_tokenizer
+from ldm_pipeline.models import load_model_spec, load_pipeline
+from ldm_pipeline.tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("path", sorted((config_dir() / "models").glob("*.yaml")), ids=lambda p: p.stem)
@@ -102,3 +103,34 @@ def test_non_sd_safetensors_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(f))
     with pytest.raises(UserError, match="not a Stable Diffusion 1.x/2.x checkpoint"):
         load_pipeline(str(f))
+
+
+def test_single_file_from_ldm_export_and_pickle_with_flag(tiny_model, tmp_path):
+    """A .safetensors written by `ldm export` loads alone (its metadata records the architecture); the same weights
+    as a pickle .ckpt load only with allow_pickle, given the architecture."""
+    import numpy as np
+
+    from ldm_pipeline.convert import export_single_file
+    from ldm_pipeline.pipeline import Generator, Job, RuntimeOptions
+
+    f = tmp_path / "tiny.safetensors"
+    export_single_file(str(tiny_model), str(f))
+    pipe, info = load_pipeline(str(f))
+    ref, _ = load_pipeline(str(tiny_model))
+    assert info.source == "single_file" and info.defaults.num_inference_steps == 20
+    for a, b in zip(pipe.unet.state_dict().values(), ref.unet.state_dict().values()):
+        assert torch.equal(a, b)
+
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": load_file(str(f))}, ckpt)
+    with pytest.raises(UserError, match="--allow-pickle"):
+        load_pipeline(str(ckpt), model_config=str(tiny_model))
+    pipe2, _ = load_pipeline(str(ckpt), allow_pickle=True, model_config=str(tiny_model))
+    assert torch.equal(next(pipe2.unet.parameters()), next(ref.unet.parameters()))
+
+    job = Job("a red circle", seed=1, num_inference_steps=3)
+    a = next(Generator.load(str(f), RuntimeOptions(device="cpu")).generate([job])).image
+    b = next(Generator.load(str(tiny_model), RuntimeOptions(device="cpu")).generate([job])).image
+    assert np.array_equal(np.asarray(a), np.asarray(b))

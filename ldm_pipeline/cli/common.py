@@ -54,6 +54,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "(default: $LDM_MODEL, else the shipped model)",
     )
     g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt checkpoints (torch.load weights_only)")
+    g.add_argument("--model-config", metavar="FOLDER|NAME",
+                   help="architecture of a single-file checkpoint: a diffusers folder or configs/models name "
+                   "(default: from the file's metadata, else SD 1.x/2.x by its cross-attention width)")
     g.add_argument("--lora", action="append", default=[], help="LoRA weights (folder or .safetensors) from ldm train; repeatable")
     g.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA weights")
 

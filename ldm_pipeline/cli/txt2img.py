@@ -137,6 +137,7 @@ def run(args: argparse.Namespace, img2img: bool = False) -> int:
         channels_last=args.channels_last,
         compile=args.compile,
         allow_pickle=args.allow_pickle,
+        model_config=args.model_config or (record["model"].get("config") if record else None),
         lora=args.lora or ([x["path"] for x in record.get("lora", [])] if record else []),
         lora_scale=args.lora_scale if args.lora else (record.get("lora_scale") or 1.0 if record else 1.0),
     )
