@@ -1,0 +1,20 @@
+"""Training: `train(config)` fine-tunes, LoRA-trains or trains from scratch a latent diffusion model (accelerate).
+
+    from ldm_pipeline.training import load_train_config, train
+    result = train(load_train_config("tiny_test", {"model": "tiny", "output_dir": "runs/t", "data": {"source": "shards"}}))
+
+Modules: config (TrainConfig), loop (train), checkpoints (atomic save, latest, limit, resume), caching (latent and
+text-embedding cache), validation (sample grids, loss curve), lora (peft adapters), losses (noise, targets, min-SNR).
+"""
+
+from ldm_pipeline.training.config import TrainConfig, load_train_config
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "load_train_config", "train"]
+
+
+def __getattr__(name: str):
+    if name in ("train", "TrainResult", "TrainingDiverged"):
+        from ldm_pipeline.training import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'ldm_pipeline.training' has no attribute {name!r}")

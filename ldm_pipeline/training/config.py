@@ -1,0 +1,180 @@
+"""`TrainConfig`: every knob of `ldm train`, with defaults for fine-tuning SD 1.5 on one GPU.
+
+Precedence: these defaults < ``configs/train/*.yaml`` < command-line flags < trailing ``key=value`` overrides
+(dotted for nested fields: ``data.random_flip=true``, ``lora.rank=8``). Unknown keys and wrong types are errors.
+Fields left ``None`` are resolved by `resolve` from the rest of the config (e.g. the learning rate from LoRA or not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ldm_pipeline.config import load_config, resolve_config_path
+from ldm_pipeline.data.config import DataConfig
+from ldm_pipeline.errors import UserError
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft) instead of full fine-tuning; rank 0 = off."""
+
+    rank: int = 0  # adapter rank r; 0 trains the full UNet instead
+    alpha: float | None = None  # scale numerator (lora_alpha); None = rank, i.e. scale 1 (diffusers' default)
+    dropout: float = 0.0  # dropout on the adapter input
+    unet_target_modules: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    text_encoder: bool = False  # also put adapters on the text encoder (what --train-text-encoder means with LoRA)
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+
+@dataclass
+class EMASettings:
+    """Exponential moving average of the trained UNet weights (diffusers.training_utils.EMAModel)."""
+
+    enabled: bool | None = None  # None = on for full fine-tuning, off for LoRA
+    decay: float = 0.9999  # upper bound of the decay; the warm-up below ramps up to it
+    min_decay: float = 0.0
+    update_after_step: int = 0
+    use_warmup: bool = True  # @crowsonkb's warm-up: decay = 1 - (1 + step / inv_gamma) ** -power
+    inv_gamma: float = 1.0
+    power: float = 0.75  # 3/4 suits runs under ~200k steps (see EMAModel's docstring)
+
+
+@dataclass
+class ValidationSettings:
+    """Sample grids during training, through the same Generator as `ldm txt2img`."""
+
+    prompts: list[str] = field(default_factory=lambda: ["a photograph of an astronaut riding a horse",
+                                                        "a watercolor painting of a fox in a snowy forest"])
+    seed: int = 0  # image i of the grid uses seed + i, the same at every validation
+    num_inference_steps: int = 25
+    guidance_scale: float | None = None  # None = the model's default
+    scheduler: str | None = None  # None = the model's default sampler
+    height: int | None = None  # None = data.resolution
+    width: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Per-process batch size times processes times accumulation = samples per optimizer step."""
+
+    model: str = ""  # what `ldm txt2img --model` accepts: folder, checkpoint, .safetensors, configs/models YAML, hub id
+    data: DataConfig = field(default_factory=DataConfig)  # images + captions (ldm_pipeline.data)
+    output_dir: str = ""  # checkpoints, samples, logs and the final model go here
+    # --- what to train
+    train_text_encoder: bool = False  # fine-tune the text encoder jointly (needed when training from scratch)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # --- schedule
+    max_steps: int = 10_000  # optimizer steps (not micro-batches, not per-process steps)
+    batch_size: int = 1  # micro-batch per process
+    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step
+    learning_rate: float | None = None  # None = 1e-5 full fine-tuning, 1e-4 LoRA
+    scale_lr: bool = False  # multiply the learning rate by batch_size * accumulation * processes
+    lr_scheduler: str = "constant_with_warmup"  # one of LR_SCHEDULERS (diffusers.optimization.get_scheduler)
+    lr_warmup_steps: int = 500  # optimizer steps of linear warm-up
+    lr_num_cycles: int = 1  # cosine_with_restarts
+    lr_power: float = 1.0  # polynomial
+    # --- optimizer
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs bitsandbytes (CUDA)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
+    # --- precision and memory
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto = fp16 on CUDA, no on CPU
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20% slower
+    allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+    # --- objective
+    prediction_type: Literal["model", "epsilon", "v_prediction"] = "model"  # model = the scheduler's own
+    snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is the paper's choice
+    noise_offset: float = 0.0  # offset noise (Guttenberg 2023): helps very dark/bright images; ~0.05-0.1
+    ema: EMASettings = field(default_factory=EMASettings)
+    seed: int = 0  # seeds model init (config models), noise, timesteps; data shuffling is data.seed
+    # --- latent caching
+    cache_latents: bool = False  # encode images (and captions, if the text encoder is frozen) once, then train on them
+    cache_dir: str | None = None  # None = OUTPUT_DIR/cache
+    cache_batch_size: int = 8  # images per VAE call in the precompute pass
+    # --- checkpoints, validation, logging
+    checkpoint_every: int = 500  # optimizer steps between checkpoints; 0 = only at the end
+    checkpoints_total_limit: int | None = 3  # keep the newest N checkpoint-STEP dirs; None = all
+    checkpoint_pipeline: bool = True  # write checkpoint-STEP/pipeline/ (loadable by ldm txt2img) with each checkpoint
+    validate_every: int = 500  # optimizer steps between sample grids; 0 = off
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
+    log_every: int = 1  # optimizer steps between tracker logs
+    progress_bar: bool = True  # tqdm on the main process
+    # --- robustness
+    max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops (exit 3)
+    resume: str | None = None  # "latest" or a checkpoint-STEP path
+    overwrite: bool = False  # allow a non-empty output_dir without resume (its contents are deleted)
+    # --- debugging and tests
+    log_sample_keys: bool = False  # each rank appends its batches' sample keys to OUTPUT_DIR/debug/
+    debug_nan_at_step: int | None = None  # make the loss NaN on the attempt(s) at this optimizer step
+    debug_nan_count: int = 1  # how many attempts in a row get a NaN loss
+    debug_sleep: float = 0.0  # seconds to sleep per optimizer step (lets tests kill a run mid-way)
+
+
+def load_train_config(path: str | Path | None = None, *layers: dict) -> TrainConfig:
+    """Defaults < YAML (a path or a name under configs/train) < each layer (flags, then key=value overrides)."""
+    if path is not None:
+        path = resolve_config_path(path, "train")
+    return load_config(TrainConfig, path, *layers)
+
+
+def is_lora(config: TrainConfig) -> bool:
+    return config.lora.rank > 0
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill the `None` defaults that depend on other fields and check the combination; returns a new config."""
+    import dataclasses
+
+    c = dataclasses.replace(config, lora=dataclasses.replace(config.lora), ema=dataclasses.replace(config.ema),
+                            validation=dataclasses.replace(config.validation), data=dataclasses.replace(config.data))
+    if not c.model:
+        raise UserError("no model given: pass --model (a diffusers folder, checkpoint, .safetensors, or configs/models YAML)")
+    if not c.data.source:
+        raise UserError("no training data given: pass --data (webdataset tars, parquet, an image folder or a HF dataset)")
+    if not c.output_dir:
+        raise UserError("no output directory given: pass --output-dir")
+    lora = is_lora(c)
+    if c.learning_rate is None:
+        c.learning_rate = 1e-4 if lora else 1e-5
+    if c.ema.enabled is None:
+        c.ema.enabled = not lora
+    if lora and c.train_text_encoder:
+        c.lora.text_encoder = True  # --train-text-encoder with LoRA means adapters on the text encoder
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_bad_steps", "cache_batch_size",
+                 "log_every"):
+        if getattr(c, name) < 1:
+            raise UserError(f"{name} must be at least 1 (got {getattr(c, name)})")
+    for name in ("checkpoint_every", "validate_every", "lr_warmup_steps"):
+        if getattr(c, name) < 0:
+            raise UserError(f"{name} must be >= 0 (got {getattr(c, name)})")
+    if c.lr_scheduler not in LR_SCHEDULERS:
+        raise UserError(f"lr_scheduler '{c.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
+    if c.learning_rate <= 0:
+        raise UserError(f"learning_rate must be positive (got {c.learning_rate})")
+    if c.snr_gamma is not None and c.snr_gamma <= 0:
+        raise UserError(f"snr_gamma must be positive (got {c.snr_gamma})")
+    if c.checkpoints_total_limit is not None and c.checkpoints_total_limit < 1:
+        raise UserError("checkpoints_total_limit must be at least 1 (or null for no limit)")
+    if c.lora.rank < 0:
+        raise UserError(f"lora.rank must be >= 0 (got {c.lora.rank})")
+    if c.cache_latents:
+        # the cache holds one encoding per image (and its mirror image), so per-epoch random choices must be
+        # reproducible from it: random crops and tag shuffling are not (see caching.py)
+        if not c.data.center_crop:
+            raise UserError("cache_latents needs data.center_crop=true (a random crop cannot be cached)")
+        if c.data.bucketing:
+            raise UserError("cache_latents does not support data.bucketing yet: turn one of them off")
+        if c.data.shuffle_tags:
+            raise UserError("cache_latents does not support data.shuffle_tags (captions are tokenized once): "
+                            "turn one of them off")
+    if c.resume is not None and c.resume != "latest" and not Path(c.resume).exists():
+        raise UserError(f"--resume {c.resume}: no such checkpoint (pass 'latest' or a checkpoint-STEP folder)")
+    return c

@@ -1,0 +1,47 @@
+"""`ldm train` from the command line: errors are one line with exit code 2; the real console script runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from ldm_pipeline.cli.train import main
+from tests.conftest import run_cli
+
+
+def _err(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("case", ["missing_data", "bad_model", "bad_key", "unwritable", "non_empty"])
+def test_errors_are_one_line_exit_2(case, tiny_model, laion_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--config", "tiny_test", "--model", str(tiny_model), "--data", str(laion_data), "--output-dir", str(out),
+            "max_steps=1"]
+    if case == "missing_data":
+        args[5] = str(tmp_path / "nothing-here")
+    elif case == "bad_model":
+        args[3] = str(tmp_path / "no-model")
+    elif case == "bad_key":
+        args.append("optimiser.lr=1")
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        args[7] = str(tmp_path / "file" / "out")
+    elif case == "non_empty":
+        out.mkdir()
+        (out / "something").write_text("x")
+    assert main(args) == 2
+    err = _err(capsys)
+    assert len(err) == 1 and err[0].startswith("ldm train: error:"), err
+    assert "Traceback" not in err[0]
+
+
+def test_console_script_end_to_end(tiny_model, laion_data, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", "--config", "tiny_test", "--model", str(tiny_model), "--data", str(laion_data),
+                "--output-dir", str(out), "--max-steps", "2", "--checkpoint-every", "2", "--validate-every", "2")
+    assert r.returncode == 0, r.stderr
+    assert (out / "final" / "model_index.json").is_file() and (out / "samples" / "step-0000002.png").is_file()
+    # txt2img loads the checkpoint
+    r = run_cli("txt2img", "a test", "--model", str(out / "checkpoint-2"), "--steps", "2", "--seed", "1",
+                "--height", "32", "--width", "32", "-o", str(tmp_path / "imgs"), "-q")
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,109 @@
+"""In-process `train(config)` on the tiny model: learning, outputs, NaN handling, LoRA, latent caching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ldm_pipeline.training import train
+from ldm_pipeline.training.loop import TrainingDiverged
+from tests.training.conftest import make_config
+
+
+def test_overfit_outputs_and_checkpoints(tiny_model, laion_data, tmp_path):
+    out = tmp_path / "run"
+    res = train(make_config(tiny_model, laion_data, out, max_steps=30, checkpoint_every=10, validate_every=15))
+    losses = [v for _, v in res.losses]
+    assert res.global_step == 30 and res.samples_seen == 30 * 4 and res.bad_steps == 0
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses  # it learns
+    # checkpoints: total limit 2, atomic (no .tmp left), each with config, state and a loadable pipeline
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if n.startswith("checkpoint-")] == ["checkpoint-20", "checkpoint-30"]
+    assert not [n for n in names if n.endswith(".tmp")]
+    ck = out / "checkpoint-20"
+    for f in ("train_config.yaml", "training_state.json", "model.safetensors", "optimizer.bin",
+              "random_states_0.pkl", "rank_states/rank0.json", "pipeline/model_index.json",
+              "pipeline_ema/model_index.json"):
+        assert (ck / f).exists(), f
+    from ldm_pipeline.models import load_pipeline
+
+    pipe, _ = load_pipeline(str(ck))  # `ldm txt2img --model OUTPUT_DIR/checkpoint-STEP`
+    assert pipe.unet is not None
+    # final model, card, curve, samples, tensorboard
+    card = (out / "final" / "README.md").read_text()
+    assert "base_model:" in card and "samples seen" in card and str(laion_data) in card
+    assert (out / "final" / "model_index.json").is_file() and (out / "final_raw" / "model_index.json").is_file()
+    assert (out / "loss_curve.png").is_file()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000015.png", "step-0000030.png"]
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 30 and metrics["data"]["used"] > 0
+
+
+def test_nan_step_is_skipped_and_counted(tiny_model, laion_data, tmp_path):
+    res = train(make_config(tiny_model, laion_data, tmp_path / "r", max_steps=4, checkpoint_every=0,
+                            debug_nan_at_step=2, debug_nan_count=1))
+    assert res.bad_steps == 1 and res.global_step == 4
+    assert all(v == v for _, v in res.losses)  # no NaN in the recorded losses
+
+
+def test_consecutive_nans_stop_the_run_cli(tiny_model, laion_data, tmp_path, capsys):
+    from ldm_pipeline.cli.train import main
+
+    out = tmp_path / "r"
+    rc = main(["--config", "tiny_test", "--model", str(tiny_model), "--data", str(laion_data), "--output-dir",
+               str(out), "max_steps=6", "checkpoint_every=2", "debug_nan_at_step=3", "debug_nan_count=100",
+               "max_bad_steps=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3
+    assert len(err) == 1 and "NaN/inf" in err[0] and "checkpoint-2" in err[0]
+    assert (out / "checkpoint-2" / "pipeline" / "model_index.json").is_file()  # last good checkpoint intact
+    assert not (out / "final").exists()
+
+
+def test_diverged_is_an_exception(tiny_model, laion_data, tmp_path):
+    with pytest.raises(TrainingDiverged):
+        train(make_config(tiny_model, laion_data, tmp_path / "r", max_steps=3, checkpoint_every=0,
+                          debug_nan_at_step=1, debug_nan_count=9, max_bad_steps=2))
+
+
+def test_lora_changes_txt2img_and_loads(tiny_model, laion_data, tmp_path):
+    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+
+    out = tmp_path / "lora"
+    res = train(make_config(tiny_model, laion_data, out, max_steps=6, checkpoint_every=3, learning_rate=1e-2,
+                            train_text_encoder=False, lora__rank=4))
+    final = out / "final"
+    assert (final / "pytorch_lora_weights.safetensors").is_file() and (final / "README.md").is_file()
+    assert (out / "checkpoint-3" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # checkpoints hold only the adapters, not the frozen base
+    from safetensors.torch import load_file
+
+    assert all("lora" in k for k in load_file(out / "checkpoint-3" / "model.safetensors"))
+    assert res.global_step == 6
+    import numpy as np
+
+    kw = dict(seed=3, num_inference_steps=4, guidance_scale=1.0, height=32, width=32)
+    base = Generator.load(str(tiny_model), RuntimeOptions(device="cpu")).txt2img("sample 1, tag1", **kw)[0]
+    tuned = Generator.load(str(tiny_model), RuntimeOptions(device="cpu", lora=[str(final)])).txt2img(
+        "sample 1, tag1", **kw)[0]
+    assert np.abs(np.asarray(base, dtype=int) - np.asarray(tuned, dtype=int)).max() > 0
+
+
+def test_cached_latents_with_flip_dropout_vpred_snr(tiny_model, laion_data, tmp_path):
+    out = tmp_path / "cached"
+    cfg = make_config(tiny_model, laion_data, out, max_steps=30, checkpoint_every=0, cache_latents=True,
+                      train_text_encoder=False, data__random_flip=True, data__caption_dropout=0.2,
+                      prediction_type="v_prediction", snr_gamma=5.0, noise_offset=0.05)
+    res = train(cfg)
+    losses = [v for _, v in res.losses]
+    assert sum(losses[-5:]) < sum(losses[:5]), losses
+    manifest = json.loads((out / "cache" / "rank0of1" / "manifest.json").read_text())
+    assert manifest["count"] == 16 and manifest["flip"] and manifest["embeds"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "cache" / "rank0of1" / manifest["shards"][0]), framework="pt") as f:
+        assert {"latent_mean", "latent_std", "latent_mean_flip", "prompt_embeds", "input_ids"} <= set(f.keys())
+    sched = json.loads((out / "final" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"  # the saved model samples the way it was trained

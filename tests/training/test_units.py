@@ -1,0 +1,63 @@
+"""Small pieces: loss targets and weights, checkpoint bookkeeping, the loss-curve PNG."""
+
+from __future__ import annotations
+
+import torch
+
+from ldm_pipeline.training import checkpoints as ckpt
+from ldm_pipeline.training import losses
+
+
+def _scheduler(kind="epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type=kind)
+
+
+def test_targets_and_min_snr():
+    from diffusers.training_utils import compute_snr
+
+    x, n = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 500, 990])
+    eps, v = _scheduler("epsilon"), _scheduler("v_prediction")
+    assert torch.equal(losses.target_for(eps, x, n, t), n)
+    assert torch.allclose(losses.target_for(v, x, n, t), v.get_velocity(x, n, t))
+    snr = compute_snr(eps, t)
+    w = losses.min_snr_weights(eps, t, 5.0)
+    assert torch.allclose(w, torch.clamp(snr, max=5.0) / snr)
+    assert w[0] < 1 and torch.isclose(w[2], torch.tensor(1.0))  # low t (high SNR) is down-weighted
+    assert torch.allclose(losses.min_snr_weights(v, t, 5.0), torch.clamp(snr, max=5.0) / (snr + 1))
+
+
+def test_noise_is_reproducible_from_generator_state():
+    g = torch.Generator().manual_seed(0)
+    lat = torch.zeros(2, 4, 8, 8)
+    state = g.get_state()
+    a = losses.sample_noise(lat, g, noise_offset=0.1)
+    g.set_state(ckpt.decode_bytes(ckpt.encode_bytes(state)))
+    assert torch.equal(a, losses.sample_noise(lat, g, noise_offset=0.1))
+
+
+def test_latest_ignores_half_written_and_prune(tmp_path):
+    for step in (2, 4, 6):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / ckpt.STATE_FILE).write_text("{}")
+    (tmp_path / ".checkpoint-8.tmp").mkdir()  # killed mid-save
+    (tmp_path / "checkpoint-10").mkdir()  # no state file: not a complete checkpoint
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-6"
+    assert [p.name for p in ckpt.prune(tmp_path, 2)] == ["checkpoint-2"]
+    assert [s for s, _ in ckpt.checkpoint_dirs(tmp_path)] == [4, 6]
+    ckpt.remove_stale_tmp(tmp_path)
+    assert not (tmp_path / ".checkpoint-8.tmp").exists()
+
+
+def test_loss_curve_png(tmp_path):
+    from PIL import Image
+
+    from ldm_pipeline.training.validation import draw_loss_curve
+
+    p = draw_loss_curve(list(range(1, 31)), [1 / s for s in range(1, 31)], tmp_path / "loss.png")
+    with Image.open(p) as im:
+        assert im.size == (800, 400)
