@@ -35,7 +35,13 @@ def run_main(body: Callable[[argparse.Namespace], int], parser: argparse.Argumen
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the usage examples' line breaks and shows each option's default."""
+    """Keeps the usage examples' line breaks and shows each option's default (unless None or already said)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
