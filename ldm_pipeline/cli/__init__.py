@@ -6,6 +6,9 @@ Commands (``ldm COMMAND --help`` for each):
   init-model   write a random-initialised model folder from configs/models/*.yaml
   train        fine-tune or train a model on LAION-style caption data (accelerate launch / torchrun)
   export       convert a model folder to a single-file (CompVis layout) .safetensors checkpoint
+  train-vae    train the autoencoder (stage 1 of training from scratch)
+  make-shapes  write the synthetic shapes dataset (img2dataset-layout shards)
+  eval         score prompt adherence in the shapes domain (txt2img and img2img recolour)
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init-model": ("ldm_pipeline.cli.init_model", "write a random-initialised model folder from a config"),
     "train": ("ldm_pipeline.cli.train", "train or fine-tune on LAION-style caption data"),
     "export": ("ldm_pipeline.cli.export", "write a model folder as a single-file .safetensors checkpoint"),
+    "train-vae": ("ldm_pipeline.cli.train_vae", "train the autoencoder (stage 1 of training from scratch)"),
+    "make-shapes": ("ldm_pipeline.cli.make_shapes", "write the synthetic shapes dataset as webdataset shards"),
+    "eval": ("ldm_pipeline.cli.eval", "score prompt adherence of a model in the shapes domain"),
 }
 
 

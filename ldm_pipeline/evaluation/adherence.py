@@ -1,0 +1,111 @@
+"""Run a model on the shapes domain's fixed prompt set and score it: txt2img adherence (held-in vs held-out
+combinations, positions) and img2img recolouring. Used by ``ldm eval`` and the shapes recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ldm_pipeline.evaluation.shapes import Report, classify, evaluate, score_recolour
+from ldm_pipeline.shapes import COLOURS, canonical_prompt, eval_prompts
+
+
+@dataclass
+class EvalSettings:
+    """What to sample (None = the model's defaults)."""
+
+    seeds_per_prompt: int = 2
+    seed: int = 0
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    batch_size: int = 16
+    recolour_strength: float = 0.6
+    recolour_prompts: int = 40  # how many generated images to recolour (0 = skip img2img)
+    max_prompts_per_set: int | None = None  # a quick look: the first N held-in, held-out and position prompts
+
+
+@dataclass
+class EvalResult:
+    report: Report
+    recolour: dict[str, Any] = field(default_factory=dict)
+    images: list = field(default_factory=list)  # (image, prompt) of the txt2img part, for grids
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"txt2img": self.report.to_dict(), "img2img_recolour": self.recolour}
+
+    def to_markdown(self) -> str:
+        text = self.report.to_markdown()
+        if self.recolour:
+            r = self.recolour
+            text += (f"\n\nimg2img recolour (strength {r['strength']}): all right {_pct(r['all'])} "
+                     f"(colour {_pct(r['colour'])}, shape {_pct(r['shape'])}, background {_pct(r['background'])}) "
+                     f"over {r['count']} edits")
+        return text
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def run_eval(generator, settings: EvalSettings, progress: bool = True, tmp_dir: str | None = None) -> EvalResult:
+    """Sample every eval prompt `seeds_per_prompt` times, classify, then recolour a subset with img2img."""
+    import tempfile
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from ldm_pipeline.pipeline import Job
+
+    sets = {k: v[: settings.max_prompts_per_set] for k, v in eval_prompts().items()}
+    prompts = sets["held_in"] + sets["held_out"] + sets["position"]
+    jobs = []
+    for p in prompts:
+        for _ in range(settings.seeds_per_prompt):
+            jobs.append(Job(p, seed=settings.seed + len(jobs), index=len(jobs),
+                            num_inference_steps=settings.num_inference_steps,
+                            guidance_scale=settings.guidance_scale, scheduler=settings.scheduler))
+    pairs = []
+    with tqdm(total=len(jobs), desc="eval txt2img", unit="img", disable=not progress) as bar:
+        for r in generator.generate(jobs, batch_size=settings.batch_size):
+            pairs.append((r.image, r.job.prompt))
+            bar.update(1)
+    report = evaluate(pairs)
+    result = EvalResult(report=report, images=pairs)
+    if settings.recolour_prompts <= 0:
+        return result
+    # recolour: take generated images whose shape was drawn right, ask for another colour of the same shape
+    colours = list(COLOURS)
+    sources = []
+    for i, (image, _prompt) in enumerate(pairs[: len(sets["held_in"]) * settings.seeds_per_prompt]):
+        pred = classify(image)
+        if pred.found and pred.shape and pred.background:
+            sources.append((i, image, pred))
+        if len(sources) >= settings.recolour_prompts:
+            break
+    hits = {"colour": 0, "shape": 0, "background": 0, "all": 0}
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
+        rec_jobs, meta = [], []
+        for n, (i, image, pred) in enumerate(sources):
+            options = [c for c in colours if c not in (pred.colour, pred.background)]
+            target = options[n % len(options)]
+            path = Path(tmp) / f"src{i}.png"
+            image.save(path)
+            rec_jobs.append(Job(canonical_prompt(target, pred.shape, pred.background), seed=settings.seed + n,
+                                index=n, init_image=str(path), strength=settings.recolour_strength,
+                                num_inference_steps=settings.num_inference_steps,
+                                guidance_scale=settings.guidance_scale, scheduler=settings.scheduler))
+            meta.append((pred, target))
+        with tqdm(total=len(rec_jobs), desc="eval img2img", unit="img", disable=not progress) as bar:
+            for r in generator.generate(rec_jobs, batch_size=settings.batch_size):
+                pred, target = meta[r.job.index]
+                s = score_recolour(pred, target, r.image)
+                hits["colour"] += bool(s["colour_ok"])
+                hits["shape"] += bool(s["shape_ok"])
+                hits["background"] += bool(s["background_ok"])
+                hits["all"] += bool(s["all_ok"])
+                bar.update(1)
+    count = len(rec_jobs)
+    result.recolour = {"strength": settings.recolour_strength, "count": count,
+                       **{k: (v / count if count else None) for k, v in hits.items()}}
+    return result
