@@ -9,6 +9,7 @@ Commands (``ldm COMMAND --help`` for each):
   train-vae    train the autoencoder (stage 1 of training from scratch)
   make-shapes  write the synthetic shapes dataset (img2dataset-layout shards)
   eval         score prompt adherence in the shapes domain (txt2img and img2img recolour)
+  recipe       a whole multi-stage training recipe (shapes: the shipped model)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-vae": ("ldm_pipeline.cli.train_vae", "train the autoencoder (stage 1 of training from scratch)"),
     "make-shapes": ("ldm_pipeline.cli.make_shapes", "write the synthetic shapes dataset as webdataset shards"),
     "eval": ("ldm_pipeline.cli.eval", "score prompt adherence of a model in the shapes domain"),
+    "recipe": ("ldm_pipeline.cli.recipe", "run a whole training recipe (shapes: the shipped model) as one command"),
 }
 
 
