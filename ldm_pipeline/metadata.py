@@ -30,9 +30,11 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     if record.get("clip_skip", 1) > 1:
         fields.append(("Clip skip", record["clip_skip"]))
     if record.get("eta"):
-        fields.append(("Eta", _num(record["eta"])))
+        fields.append(("Eta DDIM", _num(record["eta"])))  # A1111's key for DDIM's η ("Eta" is its ancestral η)
     if record.get("guidance_rescale"):
         fields.append(("CFG Rescale", _num(record["guidance_rescale"])))
+    if record.get("batch"):
+        fields += [("Batch size", record["batch"]["size"]), ("Batch pos", record["batch"]["position"])]
     lines = [record["prompt"]]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")

@@ -307,13 +307,15 @@ def _write_config_folder(out: Path, unet: dict, vae: dict, text_encoder: dict, t
     return out
 
 
+SHIPPED_MODEL = ASSETS / "models" / "shapes"  # trained by `ldm recipe shapes --package`
+
+
 def default_model() -> str | None:
     """The model used when --model is not given: $LDM_MODEL, else the model shipped in the package, if any."""
     env = os.environ.get("LDM_MODEL")
     if env:
         return env
-    shipped = ASSETS / "models" / "shapes"
-    return str(shipped) if (shipped / "model_index.json").is_file() else None
+    return str(SHIPPED_MODEL) if (SHIPPED_MODEL / "model_index.json").is_file() else None
 
 
 def resolve_model(model: str | None) -> str:
@@ -352,22 +354,29 @@ def load_pipeline(
         kwargs["dtype"] = torch_dtype
     if path.is_dir() and not (path / "model_index.json").is_file() and (path / "pipeline" / "model_index.json").is_file():
         path = path / "pipeline"  # an `ldm train` checkpoint directory
+    # safetensors only, unless the user allows pickle: diffusers would otherwise fall back to .bin weights
+    kwargs["use_safetensors"] = None if allow_pickle else True
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(f"{path} is not a diffusers model folder (no model_index.json)")
+        if not allow_pickle and (pickled := pickle_only_weights(path)):
+            raise UserError(
+                f"model folder {path} has pickle weights ({pickled}), which can run arbitrary code when loaded: "
+                "convert them to .safetensors, or pass --allow-pickle"
+            )
         from diffusers import StableDiffusionPipeline
 
         try:
             pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot load model folder {path}: {_first_line(e)}") from None
-        return pipe, ModelInfo(model, "folder", folder_hash(path)[:10], _read_defaults(path, pipe), str(path))
+        return pipe, ModelInfo(model, "folder", folder_hash(path)[:10], _read_defaults(path, pipe), str(path.resolve()))
     if path.suffix in (".yaml", ".yml") or (not path.exists() and _is_config_name(model)):
         spec = load_model_spec(model)
         pipe = pipeline_from_components(build_components(spec, seed))
         if torch_dtype is not None:
             pipe.to(dtype=torch_dtype)
-        return pipe, ModelInfo(model, "config", f"seed{seed}", spec.defaults, str(path))
+        return pipe, ModelInfo(model, "config", f"seed{seed}", spec.defaults, str(path.resolve() if path.exists() else model))
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES or path.is_file():
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
@@ -387,12 +396,13 @@ def load_pipeline(
             config = offline_config_folder(detect_single_file_arch(path, allow_pickle))
         from diffusers import StableDiffusionPipeline
 
+        kwargs.pop("use_safetensors")  # the file itself was checked above; the config folder has no weights
         try:
             pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"cannot load {path.name} as an SD checkpoint: {_first_line(e)}") from None
         defaults = _read_defaults(config, pipe)
-        return pipe, ModelInfo(path.name, "single_file", file_sha256(path)[:10], defaults, str(path))
+        return pipe, ModelInfo(path.name, "single_file", file_sha256(path)[:10], defaults, str(path.resolve()))
     if _looks_like_hub_id(model):
         from diffusers import StableDiffusionPipeline
 
@@ -405,9 +415,25 @@ def load_pipeline(
                     f"model '{model}' is not available locally and the hub cannot be reached (offline): "
                     "pass a local folder or .safetensors file"
                 ) from None
+            if not allow_pickle and "safetensors" in str(e):
+                raise UserError(
+                    f"model '{model}' has no .safetensors weights on the hub, only pickle ones, which can run "
+                    "arbitrary code when loaded: pass --allow-pickle to load them"
+                ) from None
             raise UserError(f"cannot load model '{model}' from the hub: {_first_line(e)}") from None
         return pipe, ModelInfo(model, "hub", _hub_hash(pipe), _infer_defaults(pipe), None)
     raise UserError(f"model not found: {model} (expected a diffusers folder, a .safetensors file or a hub id)")
+
+
+def pickle_only_weights(folder: Path) -> str | None:
+    """The first component of a diffusers folder whose weights exist only as pickle (.bin/.pt/.ckpt), as a
+    relative path; None if every component has safetensors (or no weights)."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [f for f in sub.iterdir() if f.is_file()]
+        pickled = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
+        if pickled and not any(f.suffix == ".safetensors" for f in files):
+            return str(pickled[0].relative_to(folder))
+    return None
 
 
 def _hub_hash(pipe) -> str:

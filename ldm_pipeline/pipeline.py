@@ -3,8 +3,9 @@ replay, and splitting the work across processes.
 
 The denoising loop is diffusers' own (``StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` built from
 the same components); we feed it ``prompt_embeds`` from `ldm_pipeline.prompts`, one CPU ``torch.Generator`` per
-image seeded with ``seed + i`` (so any image of a batch can be regenerated alone, on any device), and swap the
-scheduler with ``from_config``.
+image seeded with ``seed + i`` (so an image's noise does not depend on its batch or device), and swap the
+scheduler with ``from_config``. Batched convolutions round differently from single ones, so a batched image's
+record lists its whole batch and replay regenerates that batch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from ldm_pipeline.schedulers import ETA_SCHEDULERS, SCHEDULERS, check_scheduler_
 
 RESIZE_MODES = ("crop", "pad", "stretch")
 DTYPES = ("fp32", "fp16", "bf16")
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes; seeds wrap around past it
+RANDOM_SEED_MAX = 2**32 - 1  # random seeds are drawn below this (A1111's range: short file names)
+RANDOM = -1  # --seed -1 / "seed": -1 means "draw one" (the A1111 convention)
+DIFFUSERS_SIZE_MULTIPLE = 8  # StableDiffusionPipeline.check_inputs wants height and width divisible by 8
 
 
 @dataclass
@@ -76,20 +80,26 @@ class RuntimeOptions:
 
 
 def resolve_device(name: str) -> str:
+    """``auto`` → the best device here; anything else is checked to exist (a one-line UserError, not a traceback
+    from ``pipe.to``)."""
     import torch
 
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: Apple MPS is not available here; use --device cpu or auto")
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise UserError(f"unknown --device {name}: use auto, cpu, cuda or mps")
+        return "mps" if mps else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise UserError(f"unknown --device {name}: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"numbered from 0")
+    if kind == "mps" and not mps:
+        raise UserError(f"--device {name}: Apple MPS is not available here; use --device cpu or auto")
     return name
 
 
@@ -103,7 +113,60 @@ def torch_dtype(name: str):
 
 
 def random_seed() -> int:
-    return random.SystemRandom().randint(0, MAX_SEED)
+    return random.SystemRandom().randint(0, RANDOM_SEED_MAX)
+
+
+def wrap_seed(seed: int) -> int:
+    """seed + i past MAX_SEED wraps to 0, so every image of a run has a seed torch accepts."""
+    return seed % (MAX_SEED + 1)
+
+
+def check_setting(name: str, value: Any) -> str | None:
+    """What is wrong with one generation setting, or None: the single rule set behind the command-line flags,
+    prompt-file rows and `Generator.resolve` (callers add the flag name or the file line)."""
+    if value is None:
+        return None
+    if name in ("num_inference_steps", "num_images", "batch_size", "clip_skip") and value < 1:
+        return f"must be at least 1 (got {value})"
+    if name in ("height", "width") and value <= 0:
+        return f"must be positive (got {value})"
+    if name == "guidance_scale" and value < 0:
+        return f"must be >= 0 (got {value})"
+    if name == "guidance_rescale" and not 0 <= value <= 1:
+        return f"must be in [0, 1] (got {value})"
+    if name == "eta" and value < 0:
+        return f"must be >= 0 (got {value})"
+    if name == "strength" and not 0 < value <= 1:
+        return f"must be in (0, 1] (got {value})"
+    if name == "seed" and value != RANDOM and not 0 <= value <= MAX_SEED:
+        return f"must be {RANDOM} (random) or 0..{MAX_SEED} (got {value})"
+    if name == "resize_mode" and value not in RESIZE_MODES:
+        return f"must be one of {', '.join(RESIZE_MODES)} (got {value})"
+    return None
+
+
+def check_eta(eta: float | None, scheduler: str | None) -> str | None:
+    """--eta only means something to DDIM (diffusers' other schedulers, DDPM included, ignore it)."""
+    if eta and scheduler is not None and scheduler not in ETA_SCHEDULERS:
+        return f"--eta applies to the {' and '.join(ETA_SCHEDULERS)} scheduler only, not {scheduler}"
+    return None
+
+
+def img2img_step_count(steps: int, strength: float) -> int:
+    """Denoising steps diffusers' img2img runs: ``int(steps * strength)`` (its ``get_timesteps``)."""
+    return min(int(steps * strength), steps)
+
+
+def check_img2img_steps(steps: int, strength: float) -> str | None:
+    """img2img with ``int(steps * strength) == 0`` would run no step at all (diffusers then fails with a
+    RuntimeError): say which values work instead of silently changing the strength."""
+    if img2img_step_count(steps, strength) >= 1:
+        return None
+    more = math.ceil(1 / strength)
+    while img2img_step_count(more, strength) < 1:
+        more += 1
+    return (f"strength {strength:g} × {steps} steps leaves no denoising step (img2img runs int(steps × strength) "
+            f"steps): use --strength {1 / steps:g} or more, or --steps {more} or more")
 
 
 class Generator:
@@ -145,7 +208,7 @@ class Generator:
             model, torch_dtype=dtype, allow_pickle=options.allow_pickle, model_config=options.model_config
         )
         for path in options.lora:
-            load_lora(pipe, path)
+            load_lora(pipe, path, allow_pickle=options.allow_pickle)
         if options.lora:
             pipe.fuse_lora(lora_scale=options.lora_scale)
         if options.cpu_offload:
@@ -176,35 +239,43 @@ class Generator:
             job.num_inference_steps = d.num_inference_steps
         job.guidance_scale = d.guidance_scale if job.guidance_scale is None else job.guidance_scale
         job.scheduler = check_scheduler_name(job.scheduler or d.scheduler)
-        if job.seed is None:
+        if job.seed is None or job.seed == RANDOM:
             job.seed = random_seed()
-        if not 0 <= job.seed <= MAX_SEED:
-            raise UserError(f"seed {job.seed} out of range: use 0..{MAX_SEED}")
-        if job.num_inference_steps < 1:
-            raise UserError(f"steps must be at least 1 (got {job.num_inference_steps})")
-        if job.guidance_scale < 0:
-            raise UserError(f"guidance scale must be >= 0 (got {job.guidance_scale})")
+        img2img = job.init_image is not None
+        if img2img and job.strength is None:
+            job.strength = 0.75
+        names = ["seed", "num_inference_steps", "guidance_scale", "guidance_rescale", "eta", "clip_skip", "height",
+                 "width"] + (["strength", "resize_mode"] if img2img else [])
+        for name in names:
+            problem = check_setting(name, getattr(job, name))
+            if problem:
+                raise UserError(f"{name.replace('num_inference_steps', 'steps').replace('_', ' ')} {problem}")
         layers = self.pipe.text_encoder.config.num_hidden_layers
-        if not 1 <= job.clip_skip <= layers:
+        if job.clip_skip > layers:
             raise UserError(f"clip skip must be 1..{layers} (1 = last layer, 2 = penultimate)")
-        if job.eta and job.scheduler not in ETA_SCHEDULERS:
-            raise UserError(f"--eta applies to {' and '.join(ETA_SCHEDULERS)} only, not {job.scheduler}")
-        if job.init_image is not None:
-            if job.strength is None:
-                job.strength = 0.75
-            if not 0 < job.strength <= 1:
-                raise UserError(f"strength must be in (0, 1] (got {job.strength})")
-            if job.resize_mode not in RESIZE_MODES:
-                raise UserError(f"unknown resize mode {job.resize_mode}: use {', '.join(RESIZE_MODES)}")
+        if problem := check_eta(job.eta, job.scheduler):
+            raise UserError(problem)
+        if img2img:
+            if problem := check_img2img_steps(job.num_inference_steps, job.strength):
+                raise UserError(problem)
         else:
             job.height = job.height or d.height
             job.width = job.width or d.width
-        f = self.vae_scale_factor
+        m = self.size_multiple(img2img)
         for name in ("height", "width"):
             v = getattr(job, name)
-            if v is not None and (v <= 0 or v % f):
-                raise UserError(f"--{name} {v} is not a positive multiple of {f} (this model's VAE factor)")
+            if v is not None and v % m:
+                why = (f"this model's VAE factor {m}" if img2img or m == self.vae_scale_factor
+                       else f"txt2img needs multiples of both this model's VAE factor {self.vae_scale_factor} and "
+                       f"diffusers' {DIFFUSERS_SIZE_MULTIPLE}")
+                raise UserError(f"--{name} {v} is not a multiple of {m} ({why})")
         return job
+
+    def size_multiple(self, img2img: bool) -> int:
+        """What --height/--width must be a multiple of: the VAE factor for img2img (diffusers' image processor
+        works in VAE-factor steps), and also 8 for txt2img (``StableDiffusionPipeline.check_inputs``)."""
+        f = self.vae_scale_factor
+        return f if img2img else math.lcm(f, DIFFUSERS_SIZE_MULTIPLE)
 
     def _scheduler(self, name: str):
         from ldm_pipeline.schedulers import make_scheduler
@@ -256,8 +327,10 @@ class Generator:
         return (chunks, tuple(sorted(fields.items())))
 
     def batches(self, jobs: list[Job], batch_size: int) -> Iterator[list[Job]]:
-        """Consecutive jobs sharing every setting (and prompt-chunk count) grouped into batches: batching then never
-        changes an image, since each image's noise comes from its own generator and its prompt is padded the same."""
+        """Consecutive jobs sharing every setting (and prompt-chunk count) grouped into batches. Each image's noise
+        comes from its own generator and its prompt is padded the same, so a batched image is its single-image
+        counterpart up to float rounding (batched convolutions and matmuls may round differently: ±1/255 in a few
+        pixels); its record names the whole batch, so `--replay` regenerates it bit for bit."""
         batch: list[Job] = []
         key = None
         for job in jobs:
@@ -297,13 +370,19 @@ class Generator:
             pipe = self.pipe
             pipe.scheduler = self._scheduler(first.scheduler)
             images = pipe(height=first.height, width=first.width, **common).images
-        return [Result(j, im, self.record(j, im)) for j, im in zip(batch, images)]
+        results = []
+        for pos, (j, im) in enumerate(zip(batch, images)):
+            rec = self.record(j, im)
+            if len(batch) > 1:
+                rec["batch"] = {"size": len(batch), "position": pos, "members": [_member(m) for m in batch]}
+            results.append(Result(j, im, rec))
+        return results
 
     def generate(self, jobs: Iterable[Job], batch_size: int = 1) -> Iterator[Result]:
         """Resolve, batch and run jobs, yielding each Result as soon as its batch is done."""
+        if problem := check_setting("batch_size", batch_size):
+            raise UserError(f"batch size {problem}")
         resolved = [self.resolve(j) for j in jobs]
-        if batch_size < 1:
-            raise UserError(f"batch size must be at least 1 (got {batch_size})")
         for batch in self.batches(resolved, batch_size):
             init_images = None
             if batch[0].init_image is not None:
@@ -362,7 +441,7 @@ class Generator:
                 "path": self.info.path,
                 "config": self.options.model_config,
             },
-            "lora": [{"path": p, "hash": _path_hash(p)} for p in self.options.lora],
+            "lora": [{"path": str(Path(p).resolve()), "hash": _path_hash(p)} for p in self.options.lora],
             "lora_scale": self.options.lora_scale if self.options.lora else None,
             "dtype": self.options.dtype,
             "device_type": self.device.split(":")[0],
@@ -378,23 +457,43 @@ class Generator:
 
             rec.update(
                 strength=job.strength,
-                init_image=str(job.init_image),
+                init_image=str(Path(job.init_image).resolve()),
                 init_image_sha256=file_sha256(job.init_image),
                 resize_mode=job.resize_mode,
             )
         return rec
 
 
-def load_lora(pipe, path: str) -> None:
-    """Load LoRA weights saved by ``ldm train --lora-rank`` (diffusers' load_lora_weights format)."""
+def _member(job: Job) -> dict[str, Any]:
+    """What differs between the images of one batch (everything else is shared): enough to rebuild the batch."""
+    m = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed}
+    if job.init_image is not None:
+        from ldm_pipeline.models import file_sha256
+
+        m.update(init_image=str(Path(job.init_image).resolve()), init_image_sha256=file_sha256(job.init_image))
+    return m
+
+
+def load_lora(pipe, path: str, allow_pickle: bool = False) -> None:
+    """Load LoRA weights saved by ``ldm train --lora-rank`` (diffusers' load_lora_weights format); pickle weights
+    (.bin/.pt/.ckpt) only with `allow_pickle`."""
+    from ldm_pipeline.models import PICKLE_SUFFIXES
+
     p = Path(path)
     if not p.exists():
         raise UserError(f"LoRA not found: {path}")
+    files = list(p.iterdir()) if p.is_dir() else [p]
+    if not allow_pickle and not any(f.suffix == ".safetensors" for f in files) and any(
+        f.suffix.lower() in PICKLE_SUFFIXES for f in files
+    ):
+        raise UserError(f"LoRA {path} has only pickle weights, which can run arbitrary code when loaded: convert them "
+                        "to .safetensors, or pass --allow-pickle")
+    kwargs = {} if allow_pickle else {"use_safetensors": True}
     try:
         if p.is_dir():
-            pipe.load_lora_weights(str(p), adapter_name=f"lora{len(pipe.get_list_adapters() or {})}")
+            pipe.load_lora_weights(str(p), adapter_name=f"lora{len(pipe.get_list_adapters() or {})}", **kwargs)
         else:
-            pipe.load_lora_weights(str(p.parent), weight_name=p.name)
+            pipe.load_lora_weights(str(p.parent), weight_name=p.name, **kwargs)
     except (ValueError, OSError, KeyError) as e:
         raise UserError(f"cannot load LoRA {path}: {str(e).splitlines()[0][:200]}") from None
 
@@ -424,12 +523,15 @@ def _jobs_from_api(prompt: str | list[str], settings: dict[str, Any]) -> list[Jo
     num = settings.pop("num_images", 1)
     settings.pop("batch_size", None)
     seed = settings.pop("seed", None)
-    if seed is None:
+    for name, value in (("num_images", num), ("seed", seed)):
+        if problem := check_setting(name, value):
+            raise UserError(f"{name} {problem}")
+    if seed is None or seed == RANDOM:
         seed = random_seed()
     jobs = []
     for p in prompts:
         for _ in range(num):
-            jobs.append(Job(prompt=p, seed=(seed + len(jobs)) % (MAX_SEED + 1), index=len(jobs), **settings))
+            jobs.append(Job(prompt=p, seed=wrap_seed(seed + len(jobs)), index=len(jobs), **settings))
     return jobs
 
 
@@ -558,19 +660,36 @@ def next_number(outdir: Path) -> int:
 
 def save_png(image, path: Path, record: dict[str, Any] | None = None) -> Path:
     """Write atomically and never overwrite: a temporary file, then a hard link to a free name (the next number
-    up if `path` was taken meanwhile). Returns the final path."""
+    up if `path` was taken meanwhile). Where the filesystem has no hard links (FAT, some network and FUSE
+    mounts), the free name is claimed with an exclusive create and the finished file renamed over it. Returns
+    the final path; a failed write (disk full, permissions) is a UserError naming the path."""
     from ldm_pipeline.metadata import png_info
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    final = path
     try:
         image.save(tmp, format="PNG", pnginfo=png_info(record) if record else None)
-        final = path
+        use_link = True
         while True:
             try:
-                os.link(tmp, final)
+                if use_link:
+                    os.link(tmp, final)
+                else:
+                    os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # claim the name
+                    try:
+                        os.replace(tmp, final)
+                    except OSError:
+                        final.unlink(missing_ok=True)
+                        raise
                 break
             except FileExistsError:
                 final = _bump(final)
+            except OSError:
+                if not use_link:
+                    raise
+                use_link = False  # no hard links here: claim-and-rename instead
+    except OSError as e:
+        raise UserError(f"cannot write {final}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return final
@@ -593,18 +712,19 @@ def check_outdir(outdir: Path) -> None:
 
 
 def make_grid(images: list, cols: int | None = None):
-    """A plain grid of equally sized images (rows × cols, near square)."""
+    """A plain grid (rows × cols, near square) with cells of the largest image's size; a smaller image sits
+    centred in its cell on black, never stretched."""
     from PIL import Image
 
     n = len(images)
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    w, h = images[0].size
+    w = max(im.width for im in images)
+    h = max(im.height for im in images)
     grid = Image.new("RGB", (cols * w, rows * h), (0, 0, 0))
     for i, im in enumerate(images):
-        if im.size != (w, h):
-            im = im.resize((w, h))
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+        x, y = (i % cols) * w + (w - im.width) // 2, (i // cols) * h + (h - im.height) // 2
+        grid.paste(im.convert("RGB"), (x, y))
     return grid
 
 

@@ -1,34 +1,42 @@
 """Prompts: AUTOMATIC1111-style attention weighting and long-prompt chunking, encoded to ``prompt_embeds``.
 
 diffusers' ``encode_prompt`` truncates at the text encoder's window (77 tokens) and has no weighting, and compel's
-syntax and chunking differ from A1111's, which is what users' prompts are written for. So we parse
-``(word:1.3)``, ``(word)`` (×1.1), ``[word]`` (÷1.1) and ``\\(`` escapes ourselves, split the tokens into
-75-token chunks each wrapped in BOS/EOS, encode every chunk, scale the embeddings by the token weights (then
-restore the original mean, as A1111 does) and concatenate. A short, unweighted prompt gives exactly the tensor
-diffusers' own ``encode_prompt`` gives, so results stay pixel-identical to plain diffusers.
+syntax and chunking differ from A1111's, which is what users' prompts are written for. So we follow A1111's
+``prompt_parser.parse_prompt_attention`` and ``sd_hijack_clip.tokenize_line``: parse ``(word:1.3)``, ``(word)``
+(×1.1), ``[word]`` (÷1.1), ``\\(`` escapes and ``BREAK`` (starts a new chunk); split the tokens into 75-token
+chunks, moving the words after the last comma into the next chunk when that comma is within the last 20 tokens
+(A1111's ``comma_padding_backtrack``); wrap each chunk in BOS/EOS, encode it, scale its embeddings by the token
+weights and restore the chunk's original mean (A1111's "Original" emphasis), and concatenate the chunks. A short,
+unweighted prompt gives exactly the tensor diffusers' own ``encode_prompt`` gives, so results stay pixel-identical
+to plain diffusers.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ROUND_UP = 1.1  # A1111: (word) multiplies attention by 1.1
 SQUARE_DOWN = 1 / 1.1  # [word] divides by 1.1
+BREAK = ("BREAK", -1.0)  # parse_weights' marker for the BREAK keyword (A1111's ["BREAK", -1])
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 
 _TOKEN_RE = re.compile(r"\\[\\()\[\]]|\\|\(|\)|\[|\]|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|[^\\()\[\]:]+|:")
+_BREAK_RE = re.compile(r"\s*\bBREAK\b\s*", re.S)  # A1111's re_break: the word BREAK, in capitals
 
 
 def parse_weights(text: str) -> list[tuple[str, float]]:
-    """Split a prompt into (fragment, weight) pairs using A1111's attention syntax; unbalanced brackets are closed
-    at the end (as A1111 does) rather than rejected."""
+    """Split a prompt into (fragment, weight) pairs using A1111's attention syntax, with `BREAK` entries where
+    the prompt says BREAK; unbalanced brackets are closed at the end (as A1111 does) rather than rejected. Unlike
+    A1111, a BREAK inside brackets still breaks (A1111 would scale its marker and encode the word "BREAK")."""
     out: list[tuple[str, float]] = []
     round_stack: list[int] = []
     square_stack: list[int] = []
 
     def scale(start: int, factor: float) -> None:
         for i in range(start, len(out)):
-            out[i] = (out[i][0], out[i][1] * factor)
+            if out[i] is not BREAK:
+                out[i] = (out[i][0], out[i][1] * factor)
 
     for m in _TOKEN_RE.finditer(text):
         tok = m.group(0)
@@ -46,27 +54,32 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         elif tok == "]" and square_stack:
             scale(square_stack.pop(), SQUARE_DOWN)
         else:
-            out.append((tok, 1.0))
+            for k, part in enumerate(_BREAK_RE.split(tok)):
+                if k:
+                    out.append(BREAK)
+                out.append((part, 1.0))
     for start in round_stack:
         scale(start, ROUND_UP)
     for start in square_stack:
         scale(start, SQUARE_DOWN)
     # merge neighbours with equal weight so tokenization sees whole words
     merged: list[tuple[str, float]] = []
-    for frag, w in out:
-        if merged and merged[-1][1] == w:
-            merged[-1] = (merged[-1][0] + frag, w)
+    for item in out:
+        if merged and item is not BREAK and merged[-1] is not BREAK and merged[-1][1] == item[1]:
+            merged[-1] = (merged[-1][0] + item[0], item[1])
         else:
-            merged.append((frag, w))
-    return [(f, w) for f, w in merged if f] or [("", 1.0)]
+            merged.append(item)
+    return [item for item in merged if item[0]] or [("", 1.0)]
 
 
 @dataclass
 class TokenizedPrompt:
-    """Token ids (without BOS/EOS) and one weight per token."""
+    """Token ids (without BOS/EOS), one weight per token, and the token positions where a BREAK starts a new
+    chunk (one entry per BREAK, so repeated BREAKs give empty chunks, as in A1111)."""
 
     ids: list[int]
     weights: list[float]
+    breaks: list[int] = field(default_factory=list)
 
     @property
     def weighted(self) -> bool:
@@ -74,13 +87,16 @@ class TokenizedPrompt:
 
 
 def tokenize_weighted(tokenizer, text: str) -> TokenizedPrompt:
-    ids: list[int] = []
-    weights: list[float] = []
+    """Each weighted fragment tokenized on its own (as A1111 does), concatenated."""
+    tp = TokenizedPrompt([], [])
     for frag, w in parse_weights(text):
+        if (frag, w) == BREAK:
+            tp.breaks.append(len(tp.ids))
+            continue
         frag_ids = tokenizer(frag, add_special_tokens=False, truncation=False).input_ids
-        ids += frag_ids
-        weights += [w] * len(frag_ids)
-    return TokenizedPrompt(ids, weights)
+        tp.ids += frag_ids
+        tp.weights += [w] * len(frag_ids)
+    return tp
 
 
 def chunk_window(tokenizer) -> int:
@@ -88,12 +104,58 @@ def chunk_window(tokenizer) -> int:
     return tokenizer.model_max_length - 2
 
 
+def _comma_id(tokenizer) -> int | None:
+    cid = tokenizer.convert_tokens_to_ids(",</w>")
+    return None if cid is None or cid == tokenizer.unk_token_id else cid
+
+
+def split_chunks(tokenizer, tp: TokenizedPrompt, backtrack: int = COMMA_BACKTRACK) -> list[tuple[list[int], list[float]]]:
+    """(ids, weights) of each chunk of at most 75 tokens, split as A1111's ``tokenize_line`` does: a BREAK closes
+    the chunk; a full chunk whose last comma is at most `backtrack` tokens from its end moves the tokens after
+    that comma into the next chunk (only when more tokens follow)."""
+    n = chunk_window(tokenizer)
+    comma = _comma_id(tokenizer)
+    chunks: list[tuple[list[int], list[float]]] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+    breaks = list(tp.breaks)
+
+    def close() -> None:
+        nonlocal ids, weights, last_comma
+        chunks.append((ids, weights))
+        ids, weights, last_comma = [], [], -1
+
+    for pos, (tok, w) in enumerate(zip(tp.ids, tp.weights)):
+        while breaks and breaks[0] == pos:
+            breaks.pop(0)
+            close()
+        if tok == comma:
+            last_comma = len(ids)
+        elif backtrack and len(ids) == n and last_comma != -1 and len(ids) - last_comma <= backtrack:
+            cut = last_comma + 1
+            moved_ids, moved_weights = ids[cut:], weights[cut:]
+            ids, weights = ids[:cut], weights[:cut]
+            close()
+            ids, weights = moved_ids, moved_weights
+        if len(ids) == n:
+            close()
+        ids.append(tok)
+        weights.append(w)
+    for _ in breaks:  # BREAKs after the last token
+        close()
+    if ids or not chunks:
+        close()
+    return chunks
+
+
 def make_chunks(tokenizer, tp: TokenizedPrompt, num_chunks: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
-    """Cut into chunks of BOS + ≤75 tokens + EOS + padding (the layout ``tokenizer(padding="max_length")`` gives)."""
+    """Chunks (`split_chunks`) as BOS + ≤75 tokens + EOS + padding (the layout ``tokenizer(padding="max_length")``
+    gives), with empty chunks added up to `num_chunks`."""
     n = chunk_window(tokenizer)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    pieces = [(tp.ids[i : i + n], tp.weights[i : i + n]) for i in range(0, len(tp.ids), n)] or [([], [])]
+    pieces = split_chunks(tokenizer, tp)
     while num_chunks is not None and len(pieces) < num_chunks:
         pieces.append(([], []))
     ids, weights = [], []
@@ -105,8 +167,8 @@ def make_chunks(tokenizer, tp: TokenizedPrompt, num_chunks: int | None = None) -
 
 
 def count_chunks(tokenizer, text: str) -> int:
-    tp = tokenize_weighted(tokenizer, text)
-    return max(1, -(-len(tp.ids) // chunk_window(tokenizer)))
+    """How many 77-token chunks `text` encodes to."""
+    return len(split_chunks(tokenizer, tokenize_weighted(tokenizer, text)))
 
 
 def encode_chunks(text_encoder, chunk_ids: list[list[int]], clip_skip: int = 1, device=None):
@@ -132,20 +194,25 @@ def encode_chunks(text_encoder, chunk_ids: list[list[int]], clip_skip: int = 1, 
 
 
 def apply_weights(embeds, weights: list[list[float]]):
-    """Scale each token's embedding by its weight, then restore the original mean (A1111's rule)."""
+    """Scale each token's embedding by its weight, then rescale each chunk so its mean is the chunk's original
+    mean (A1111's "Original" emphasis, which runs per 77-token chunk); chunks without weights are untouched."""
     import torch
 
-    if all(w == 1.0 for chunk in weights for w in chunk):
-        return embeds
-    flat = torch.tensor([w for chunk in weights for w in chunk], dtype=embeds.dtype, device=embeds.device)
-    original_mean = embeds.float().mean()
-    scaled = embeds * flat.reshape(1, -1, 1)
-    new_mean = scaled.float().mean()
-    # A1111 divides by the new mean; for encoders whose output mean is ~0 that ratio explodes, so skip it there
-    if new_mean.abs() < 1e-3 * scaled.float().abs().mean() or not torch.isfinite(original_mean / new_mean):
-        return scaled
-    return scaled * (original_mean / new_mean).to(embeds.dtype)
-
+    out = []
+    for c, chunk_w in enumerate(weights):
+        z = embeds[:, c * len(chunk_w) : (c + 1) * len(chunk_w)]
+        if all(w == 1.0 for w in chunk_w):
+            out.append(z)
+            continue
+        original_mean = z.float().mean()
+        scaled = z * torch.tensor(chunk_w, dtype=z.dtype, device=z.device).reshape(1, -1, 1)
+        new_mean = scaled.float().mean()
+        # A1111 divides by the new mean unguarded; where it is ~0 the ratio explodes, so keep the scaled chunk there
+        if new_mean.abs() < 1e-3 * scaled.float().abs().mean() or not torch.isfinite(original_mean / new_mean):
+            out.append(scaled)
+        else:
+            out.append(scaled * (original_mean / new_mean).to(z.dtype))
+    return torch.cat(out, dim=1)
 
 
 def encode_prompt_pair(
@@ -163,8 +230,7 @@ def encode_prompt_pair(
 
     pos = tokenize_weighted(tokenizer, prompt)
     neg = tokenize_weighted(tokenizer, negative_prompt or "")
-    n = chunk_window(tokenizer)
-    chunks = max(1, num_chunks or 1, -(-len(pos.ids) // n), -(-len(neg.ids) // n))
+    chunks = max(num_chunks or 1, len(split_chunks(tokenizer, pos)), len(split_chunks(tokenizer, neg)))
     with torch.no_grad():
         pos_ids, pos_w = make_chunks(tokenizer, pos, chunks)
         neg_ids, neg_w = make_chunks(tokenizer, neg, chunks)
@@ -196,8 +262,9 @@ ROW_FIELDS: dict[str, type] = {
 
 
 def read_prompt_file(path: str) -> list[dict]:
-    """Rows of a prompt file: .txt gives one ``{"prompt": line}`` per non-empty line; .jsonl/.csv rows may also set
-    any of `ROW_FIELDS`. Malformed rows raise a UserError naming the file and line."""
+    """Rows of a prompt file (UTF-8, a byte-order mark is skipped): .txt gives one ``{"prompt": line}`` per
+    non-empty line; .jsonl/.csv rows may also set any of `ROW_FIELDS`, each checked by the rule of its flag.
+    Malformed rows and values out of range raise a UserError naming the file and line."""
     import csv
     import json
     from pathlib import Path
@@ -206,7 +273,7 @@ def read_prompt_file(path: str) -> list[dict]:
 
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # Notepad and Excel start UTF-8 files with a BOM
     except FileNotFoundError:
         raise UserError(f"prompt file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -257,6 +324,8 @@ def read_prompt_file(path: str) -> list[dict]:
             clean["num_inference_steps"] = clean.pop("steps")
         if not clean.get("prompt", "").strip():
             raise UserError(f"{path} line {n}: missing or empty 'prompt'")
+        if problem := _check_row(clean):
+            raise UserError(f"{path} line {n}: {problem}")
         out.append(clean)
     if not out:
         raise UserError(f"prompt file {path} has no prompts")
@@ -265,3 +334,20 @@ def read_prompt_file(path: str) -> list[dict]:
 
 def _bad():
     raise ValueError
+
+
+def _check_row(row: dict) -> str | None:
+    """The first out-of-range value of a row, by the same rules as the command-line flags."""
+    from ldm_pipeline.pipeline import check_eta, check_img2img_steps, check_setting
+    from ldm_pipeline.schedulers import SCHEDULERS
+
+    for k, v in row.items():
+        if problem := check_setting(k, v):
+            return f"{'steps' if k == 'num_inference_steps' else k} {problem}"
+    if "scheduler" in row and row["scheduler"] not in SCHEDULERS:
+        return f"unknown scheduler '{row['scheduler']}': choose one of {', '.join(SCHEDULERS)}"
+    if problem := check_eta(row.get("eta"), row.get("scheduler")):
+        return problem
+    if "num_inference_steps" in row and "strength" in row:
+        return check_img2img_steps(row["num_inference_steps"], row["strength"])
+    return None

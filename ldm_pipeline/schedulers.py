@@ -38,7 +38,9 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
     "unipc": SchedulerChoice("UniPCMultistepScheduler", "UniPC"),
 }
 
-ETA_SCHEDULERS = ("ddim", "ddpm")  # the ones whose step() takes `eta` (DDPM ignores it; DDIM interpolates to DDPM)
+# the ones whose step() uses `eta`: only DDIM (η=0 deterministic, η=1 DDPM-like). diffusers' DDPMScheduler.step
+# takes no eta (the pipeline silently drops it), so `--eta` with ddpm is refused rather than recorded falsely.
+ETA_SCHEDULERS = ("ddim",)
 
 
 def scheduler_names() -> list[str]:

@@ -126,7 +126,27 @@ ERROR_CASES = [
     (["txt2img", "--from-file", "{tmp}/missing.txt", "--model", "{model}"], "prompt file not found"),
     (["img2img", "x", "--init-image", "{tmp}/nope.png", "--model", "{model}"], "init image not found"),
     (["img2img", "x", "--init-image", "{tmp}/garbage.png", "--model", "{model}", "--seed", "0"], "cannot read init image"),
-    (["txt2img", "x", "--model", "{model}", "--height", "66"], "not a positive multiple of 4"),
+    (["txt2img", "x", "--model", "{model}", "--height", "66"], "--height 66 is not a multiple of 8"),
+    # a multiple of the tiny VAE's factor 4, not of diffusers' 8: a ValueError traceback from diffusers before
+    (["txt2img", "x", "--model", "{model}", "--width", "68"], "--width 68 is not a multiple of 8 (txt2img needs"),
+    (["img2img", "x", "--init-image", "{tmp}/plain.png", "--model", "{model}", "--height", "66"],
+     "--height 66 is not a multiple of 4"),
+    (["img2img", "x", "--init-image", "{tmp}/plain.png", "--model", "{model}", "--strength", "0.04"],
+     "strength 0.04 × 20 steps leaves no denoising step"),
+    (["img2img", "x", "--init-image", "a.png", "--steps", "10", "--strength", "0.05"], "use --strength 0.1 or more"),
+    (["txt2img", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["txt2img", "x", "--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1]"),
+    (["txt2img", "x", "--eta", "-1"], "--eta must be >= 0"),
+    (["txt2img", "x", "--clip-skip", "0"], "--clip-skip must be at least 1"),
+    (["txt2img", "x", "--eta", "0.5", "--scheduler", "euler"], "--eta applies to the ddim scheduler only"),
+    (["txt2img", "x", "--eta", "0.5", "--scheduler", "ddpm"], "--eta applies to the ddim scheduler only, not ddpm"),
+    (["txt2img", "x", "--seed", "-2"], "--seed must be -1 (random) or 0..18446744073709551615"),
+    (["txt2img", "x", "--seed", "18446744073709551616"], "--seed must be -1"),
+    (["txt2img", "--from-file", "{tmp}/rows.jsonl"], "rows.jsonl line 2: num_images must be at least 1"),
+    (["txt2img", "--replay", "{tmp}/made.png", "--steps", "5", "--seed", "1"], "drop --steps, --seed"),
+    (["img2img", "--replay", "{tmp}/made.png", "--strength", "0.5"], "drop --strength"),
+    (["txt2img", "x", "--model", "{model}", "--device", "cuda:1"], "--device cuda:1: no CUDA GPU"),
+    (["txt2img", "x", "--model", "{model}", "--device", "mps"], "Apple MPS is not available"),
     (["txt2img", "x", "--model", "{model}", "--outdir", "{tmp}/file.txt/sub"], "cannot create output folder"),
     (["txt2img", "--replay", "{tmp}/garbage.png"], "cannot read replay image"),
     (["txt2img", "--replay", "{tmp}/plain.png"], "no ldm_pipeline metadata"),
@@ -141,13 +161,23 @@ def error_env(tmp_path, tiny_model):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{oops\n')
     (tmp_path / "garbage.png").write_bytes(b"garbage")
     (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "num_images": 0}\n')
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    from ldm_pipeline.metadata import png_info
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "made.png", pnginfo=png_info(
+        {"prompt": "a", "num_inference_steps": 2, "guidance_scale": 7.5, "seed": 1, "width": 8, "height": 8,
+         "scheduler": "ddim", "model": {"hash": "x", "name": "m"}, "mode": "txt2img"}))
     return {"tmp": str(tmp_path), "model": str(tiny_model)}
 
 
 @pytest.mark.parametrize("argv, message", ERROR_CASES, ids=[" ".join(a)[:40] for a, _ in ERROR_CASES])
 def test_user_errors_one_line_exit_2(argv, message, error_env, capsys, monkeypatch):
+    import torch
+
     monkeypatch.chdir(error_env["tmp"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the device cases, on any machine
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     argv = [a.format(**error_env) for a in argv]
     with pytest.raises(SystemExit) if any(a == "nope" for a in argv) else _nullcontext() as exc:
         rc = ldm_main(argv)
@@ -157,8 +187,13 @@ def test_user_errors_one_line_exit_2(argv, message, error_env, capsys, monkeypat
     assert rc == 2, err
     assert message in err, err
     assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("ldm")]
-    assert len(lines) == 1
+    lines = err.strip().splitlines()
+    prog = f"ldm {argv[0]}"
+    assert lines[-1].startswith(f"{prog}: error: ") and message in lines[-1], err
+    if exc is None:  # ours: nothing but the one line (no progress bar, warning or library chatter)
+        assert len(lines) == 1, err
+    else:  # argparse's own: its usage lines, then the error line
+        assert all(ln.startswith(("usage:", " ")) for ln in lines[:-1]), err
 
 
 class _nullcontext:
@@ -227,3 +262,71 @@ def test_init_model_cli(tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr
     r = run_cli("init-model", "--config", "nope", "--output", str(tmp_path / "x"))
     assert r.returncode == 2 and "config 'nope' not found" in r.stderr
+
+
+def test_replay_of_a_batched_image_regenerates_its_batch(tiny_model, tmp_path):
+    out = tmp_path / "o"
+    assert ldm_main(["txt2img", "a red circle", "a blue square, big", "--model", str(tiny_model), "--seed", "3",
+                     "--steps", "3", "--num-images", "2", "--batch-size", "4", "--scheduler", "euler-a",
+                     "--outdir", str(out), "-q"]) == 0
+    third = out / "00002-5.png"
+    assert "Batch size: 4, Batch pos: 2" in Image.open(third).info["parameters"]
+    assert ldm_main(["txt2img", "--replay", str(third), "--outdir", str(out), "-q"]) == 0
+    assert pngs(out) == ["00000-3.png", "00001-4.png", "00002-5.png", "00003-6.png", "00004-5.png"]  # just the one
+    # bit for bit, although the image alone (batch size 1) rounds differently from the batched one
+    assert np.array_equal(np.asarray(Image.open(third)), np.asarray(Image.open(out / "00004-5.png")))
+    assert json.loads(Image.open(out / "00004-5.png").info["ldm_pipeline"])["batch"]["position"] == 2
+
+
+def test_replay_records_absolute_paths_and_runs_from_elsewhere(tiny_model, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(work / "in.png")
+    monkeypatch.chdir(work)
+    model = os.path.relpath(tiny_model, work)
+    assert ldm_main(["img2img", "x", "--init-image", "in.png", "--model", model, "--seed", "1", "--steps", "2",
+                     "--outdir", "out", "-q"]) == 0
+    made = work / "out" / "00000-1.png"
+    rec = json.loads(Image.open(made).info["ldm_pipeline"])
+    assert rec["model"]["path"] == str(tiny_model.resolve()) and rec["init_image"] == str((work / "in.png").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert ldm_main(["img2img", "--replay", str(made), "--outdir", "again", "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(tmp_path / "again" / "00000-1.png")))
+
+
+def test_replay_warns_when_the_device_type_differs(tiny_model, tmp_path, capsys):
+    from ldm_pipeline.metadata import png_info
+
+    assert ldm_main(["txt2img", "x", "--model", str(tiny_model), "--seed", "2", "--steps", "2", "--outdir",
+                     str(tmp_path), "-q"]) == 0
+    made = tmp_path / "00000-2.png"
+    im = Image.open(made)
+    rec = json.loads(im.info["ldm_pipeline"])
+    rec["device_type"] = "cuda"
+    im.save(tmp_path / "from-gpu.png", pnginfo=png_info(rec))
+    capsys.readouterr()
+    assert ldm_main(["txt2img", "--replay", str(tmp_path / "from-gpu.png"), "--outdir", str(tmp_path), "-q"]) == 0
+    assert "warning: the image was made on cuda and is replayed on cpu: pixels may differ" in capsys.readouterr().err
+    assert ldm_main(["txt2img", "--replay", str(made), "--outdir", str(tmp_path), "-q"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_replay_keeps_a_recorded_lora_scale_of_zero():
+    from ldm_pipeline.cli.txt2img import _lora_scale, build_parser
+
+    args = build_parser().parse_args(["--replay", "x.png"])
+    assert _lora_scale(args, {"lora_scale": 0.0}) == 0.0  # was `or 1.0`: a LoRA recorded as off came back on
+    assert _lora_scale(args, {"lora_scale": None}) == 1.0 and _lora_scale(args, None) == 1.0
+    args = build_parser().parse_args(["--replay", "x.png", "--lora-scale", "0.5"])
+    assert _lora_scale(args, {"lora_scale": 0.0}) == 0.5
+
+
+def test_seed_minus_one_is_random_and_seeds_wrap_at_2_64(tiny_model, tmp_path):
+    out = tmp_path / "o"
+    assert ldm_main(["txt2img", "x", "--model", str(tiny_model), "--seed", "-1", "--steps", "1", "--outdir",
+                     str(out), "-q"]) == 0
+    (made,) = out.glob("*.png")
+    assert json.loads(Image.open(made).info["ldm_pipeline"])["seed"] == int(made.stem.split("-")[1]) >= 0
+    assert ldm_main(["txt2img", "x", "--model", str(tiny_model), "--seed", str(2**64 - 1), "--num-images", "2",
+                     "--steps", "1", "--outdir", str(out), "-q"]) == 0
+    assert {"00001-18446744073709551615.png", "00002-0.png"} <= set(pngs(out))

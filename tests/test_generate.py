@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.pipeline import Job, fit_image, load_init_image
+from ldm_pipeline.pipeline import Job, _jobs_from_api, fit_image, load_init_image
 from ldm_pipeline.schedulers import SCHEDULERS
 
 PROMPT = "a red circle on a blue background"
@@ -18,7 +18,8 @@ def px(im) -> np.ndarray:
 
 def one(generator, **kw):
     kw.setdefault("num_inference_steps", 4)
-    return next(generator.generate([Job(PROMPT, **kw)])).image
+    kw.setdefault("prompt", PROMPT)
+    return next(generator.generate([Job(**kw)])).image
 
 
 def test_same_seed_same_image_other_seed_differs(generator):
@@ -28,12 +29,23 @@ def test_same_seed_same_image_other_seed_differs(generator):
     assert a.size == (64, 64)  # the model's default size
 
 
-def test_image_i_uses_seed_plus_i_and_batching_does_not_change_it(generator):
-    jobs = [Job(PROMPT, seed=10 + i, index=i, num_inference_steps=4, scheduler="euler-a") for i in range(3)]
-    batched = [r.image for r in generator.generate(jobs, batch_size=3)]
-    alone = one(generator, seed=12, scheduler="euler-a")
-    assert np.array_equal(px(batched[2]), px(alone))
-    assert not np.array_equal(px(batched[0]), px(batched[1]))
+@pytest.mark.parametrize("sampler", [{"scheduler": "euler-a"}, {"scheduler": "ddim", "eta": 1.0}])
+def test_batched_image_is_its_single_counterpart_up_to_rounding(generator, sampler):
+    # different prompts, each image on its own generator; both samplers draw fresh noise at every step
+    prompts = ["a red circle", "a blue square on a green background", "a cat"]
+    jobs = [Job(p, seed=10 + i, index=i, num_inference_steps=4, **sampler) for i, p in enumerate(prompts)]
+    batched = list(generator.generate(jobs, batch_size=3))
+    alone = [one(generator, prompt=p, seed=10 + i, **sampler) for i, p in enumerate(prompts)]
+    for b, a in zip(batched, alone):
+        diff = np.abs(px(b.image) - px(a))
+        assert diff.max() <= 2 and diff.mean() < 0.1  # batched convolutions only round differently
+    # what seed i+1 alone gives is far from image i: the per-image noise really is seed + i
+    assert np.abs(px(batched[1].image) - px(one(generator, prompt=prompts[1], seed=10, **sampler))).mean() > 5
+    # so each record names its batch, and replay can rebuild exactly that batch
+    rec = batched[1].record["batch"]
+    assert rec["size"] == 3 and rec["position"] == 1
+    assert [(m["prompt"], m["seed"]) for m in rec["members"]] == [(p, 10 + i) for i, p in enumerate(prompts)]
+    assert "batch" not in next(generator.generate(jobs[:1])).record
 
 
 def test_cfg_scale_changes_output_and_1_skips_uncond(generator, monkeypatch):
@@ -67,25 +79,56 @@ def test_every_scheduler_runs_and_differs_from_ddim(generator, name):
 
 def test_eta_changes_ddim_only(generator):
     assert not np.array_equal(px(one(generator, seed=6, eta=1.0)), px(one(generator, seed=6, eta=0.0)))
-    with pytest.raises(UserError, match="--eta applies to"):
-        one(generator, seed=6, eta=0.5, scheduler="euler")
+    # diffusers' DDPMScheduler.step takes no eta (the pipeline drops it silently): refused, not recorded falsely
+    for scheduler in ("euler", "ddpm"):
+        with pytest.raises(UserError, match=f"--eta applies to the ddim scheduler only, not {scheduler}"):
+            one(generator, seed=6, eta=0.5, scheduler=scheduler)
 
 
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"height": 62}, "multiple of 4"),
-        ({"num_inference_steps": 0}, "at least 1"),
+        ({"height": 62}, "--height 62 is not a multiple of 8"),
+        # multiples of the VAE factor 4 but not of 8: StableDiffusionPipeline.check_inputs would raise a ValueError
+        ({"height": 68}, r"--height 68 is not a multiple of 8 \(txt2img needs multiples of both .* VAE factor 4"),
+        ({"width": 36}, "--width 36 is not a multiple of 8"),
+        ({"num_inference_steps": 0}, "steps must be at least 1"),
         ({"scheduler": "nope"}, "unknown scheduler"),
-        ({"seed": -1}, "seed"),
-        ({"clip_skip": 0}, "clip skip"),
+        ({"seed": -2}, r"seed must be -1 \(random\) or 0\.\.18446744073709551615"),
+        ({"seed": 2**64}, "seed must be -1"),
+        ({"clip_skip": 0}, "clip skip must be at least 1"),
         ({"clip_skip": 3}, "clip skip must be 1..2"),
+        ({"guidance_rescale": 1.5}, r"guidance rescale must be in \[0, 1\]"),
+        ({"eta": -0.5}, "eta must be >= 0"),
     ],
 )
 def test_bad_settings(generator, kw, message):
     kw.setdefault("seed", 0)
     with pytest.raises(UserError, match=message):
         generator.resolve(Job(PROMPT, **kw))
+
+
+def test_seed_minus_one_is_random_and_largest_seed_works(generator):
+    seeds = {generator.resolve(Job(PROMPT, seed=-1)).seed for _ in range(3)}
+    assert len(seeds) > 1 and all(0 <= s < 2**32 for s in seeds)
+    assert one(generator, seed=2**64 - 1, num_inference_steps=1).size == (64, 64)
+    # image i of an API run gets seed + i, wrapping past 2**64 - 1 instead of overflowing torch's manual_seed
+    assert [j.seed for j in _jobs_from_api("x", {"seed": 2**64 - 1, "num_images": 2})] == [2**64 - 1, 0]
+
+
+def test_img2img_sizes_need_only_the_vae_factor(generator, init_png):
+    job = generator.resolve(Job(PROMPT, seed=0, init_image=str(init_png), height=68, width=36))
+    assert (job.height, job.width) == (68, 36)
+    assert generator.size_multiple(img2img=True) == 4 and generator.size_multiple(img2img=False) == 8
+
+
+def test_img2img_with_no_denoising_step_is_a_user_error(generator, init_png):
+    # diffusers runs int(steps * strength) steps; 0 would end in a RuntimeError deep in the pipeline
+    with pytest.raises(UserError, match=r"strength 0\.05 × 10 steps leaves no denoising step.*--strength 0\.1 or more, "
+                                        r"or --steps 20 or more"):
+        generator.resolve(Job(PROMPT, seed=0, init_image=str(init_png), strength=0.05, num_inference_steps=10))
+    job = Job(PROMPT, seed=0, init_image=str(init_png), strength=0.1, num_inference_steps=10)
+    assert next(generator.generate([job])).image.size == (64, 64)  # one step is fine
 
 
 def test_non_square_sizes(generator):
@@ -95,9 +138,7 @@ def test_non_square_sizes(generator):
 
 def test_long_prompt_generates(generator):
     long = ", ".join(f"detail {i}" for i in range(80))
-    im = one(generator, seed=1, prompt=None) if False else next(
-        generator.generate([Job(long, seed=1, num_inference_steps=2)])
-    ).image
+    im = one(generator, prompt=long, seed=1, num_inference_steps=2)
     assert im.size == (64, 64)
 
 
@@ -144,15 +185,26 @@ def test_img2img_bad_strength(generator, init_png):
 
 @pytest.mark.parametrize("mode", ["crop", "pad", "stretch"])
 def test_resize_modes(tmp_path, mode):
+    # a 2:1 red image with a green stripe at its left edge, fitted into a square
     im = Image.new("RGB", (100, 50), (255, 0, 0))
+    im.paste((0, 255, 0), (0, 0, 10, 50))
     out = fit_image(im, 64, 64, mode)
     assert out.size == (64, 64)
+    left, centre, top = out.getpixel((1, 32)), out.getpixel((32, 32)), out.getpixel((32, 2))
+    assert centre == (255, 0, 0)
+    if mode == "crop":  # fills the square: the left edge (and its stripe) is cut off, no bars
+        assert left == (255, 0, 0) and top == (255, 0, 0)
+    elif mode == "pad":  # keeps the whole image: the stripe stays, bars above and below in the edge colour
+        assert left[1] > 200 and left[0] < 50
+        bar = tuple(int(x) for x in np.asarray(out)[:16].reshape(-1, 3).mean(axis=0).round())
+        assert top == bar and top not in ((255, 0, 0), (0, 255, 0))  # uniform bar, neither colour of the image
+        assert out.getpixel((32, 15)) == top and out.getpixel((32, 17))[0] > 200  # the image starts at row 16
+    else:  # stretch: the stripe stays and the image fills the square (no bars)
+        assert left[1] > 200 and top == (255, 0, 0)
     p = tmp_path / "odd.png"
     Image.new("RGB", (70, 45), (0, 255, 0)).save(p)
     fitted, size = load_init_image(str(p), None, None, mode, 8)
     assert size == {"crop": (64, 40), "pad": (72, 48), "stretch": (72, 48)}[mode] and fitted.size == size
-    if mode == "pad":  # padding keeps the whole image: a 2:1 image in a square has bars
-        assert out.getpixel((32, 2)) != (255, 0, 0) or out.getpixel((32, 32)) == (255, 0, 0)
 
 
 def test_init_image_modes_and_exif(tmp_path):
@@ -235,3 +287,66 @@ def test_compile_runs(tiny_model):
     g = Generator.load(str(tiny_model), RuntimeOptions(device="cpu", compile=True))
     im = next(g.generate([Job(PROMPT, seed=1, num_inference_steps=1, guidance_scale=1.0)])).image
     assert im.size == (64, 64)
+
+
+def test_resolve_device_errors_are_one_line(monkeypatch):
+    from ldm_pipeline.pipeline import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name, message in [("cuda", "no CUDA GPU"), ("cuda:1", "--device cuda:1: no CUDA GPU"),
+                          ("mps", "Apple MPS is not available"), ("cuda:x", "unknown --device"), ("tpu", "unknown")]:
+        with pytest.raises(UserError, match=message):
+            resolve_device(name)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == "cuda:0"
+    with pytest.raises(UserError, match="has 1 CUDA GPU"):
+        resolve_device("cuda:1")
+
+
+def test_save_png_without_hard_links_and_never_overwrites(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from ldm_pipeline.pipeline import save_png
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")  # what FAT/exFAT and some FUSE mounts answer
+
+    monkeypatch.setattr(os, "link", no_links)
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    first = save_png(red, tmp_path / "00000-1.png")
+    second = save_png(blue, tmp_path / "00000-1.png")  # the name is taken: the next number up
+    assert (first.name, second.name) == ("00000-1.png", "00001-1.png")
+    assert Image.open(first).getpixel((0, 0)) == (255, 0, 0) and Image.open(second).getpixel((0, 0)) == (0, 0, 255)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-1.png", "00001-1.png"]  # no temporary files left
+
+
+def test_save_failure_is_a_user_error_naming_the_path(tmp_path, monkeypatch):
+    import errno
+
+    from ldm_pipeline.pipeline import save_png
+
+    im = Image.new("RGB", (8, 8))
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(im, "save", disk_full)
+    with pytest.raises(UserError, match=r"cannot write .*00000-1\.png: No space left on device"):
+        save_png(im, tmp_path / "00000-1.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_grid_of_mixed_sizes_is_not_stretched():
+    from ldm_pipeline.pipeline import make_grid
+
+    big, small = Image.new("RGB", (64, 32), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
+    grid = make_grid([big, small])
+    assert grid.size == (128, 32)  # cells of the largest size
+    a = np.asarray(grid)
+    blue = np.argwhere((a == (0, 0, 255)).all(axis=-1))
+    assert len(blue) == 16 * 16  # the small image keeps its 16x16 pixels, centred in its cell
+    assert blue.min(axis=0).tolist() == [8, 88] and (a[:, :64] == (255, 0, 0)).all()

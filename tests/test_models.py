@@ -76,6 +76,37 @@ def test_pickle_refused_without_flag(tmp_path, suffix):
         load_pipeline(str(f), allow_pickle=True)
 
 
+def test_folder_with_pickle_weights_needs_allow_pickle(tiny_model, tmp_path):
+    """diffusers falls back to a folder's .bin (pickle) weights when it has no safetensors: we refuse that unless
+    allowed, and record the folder's absolute path."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-model"
+    shutil.copytree(tiny_model, folder)
+    for f in folder.rglob("*.safetensors"):  # the layout save_pretrained(safe_serialization=False) writes
+        name = "pytorch_model.bin" if f.name == "model.safetensors" else "diffusion_pytorch_model.bin"
+        torch.save(load_file(str(f)), f.with_name(name))
+        f.unlink()
+    with pytest.raises(UserError, match=r"has pickle weights \(text_encoder/pytorch_model\.bin\).*--allow-pickle"):
+        load_pipeline(str(folder))
+    pipe, info = load_pipeline(str(folder), allow_pickle=True)
+    ref, _ = load_pipeline(str(tiny_model))
+    assert torch.equal(pipe.unet.conv_in.weight, ref.unet.conv_in.weight)
+    assert info.path == str(folder.resolve())
+
+
+def test_pickle_lora_refused_without_flag(generator, tmp_path):
+    from ldm_pipeline.pipeline import load_lora
+
+    f = tmp_path / "pytorch_lora_weights.bin"
+    torch.save({}, f)
+    for path in (f, tmp_path):  # the file, or a folder holding only it (diffusers would fall back to it)
+        with pytest.raises(UserError, match="has only pickle weights.*--allow-pickle"):
+            load_lora(generator.pipe, str(path))
+
+
 def test_pickle_with_code_is_not_executed(tmp_path):
     import os
     import pickle

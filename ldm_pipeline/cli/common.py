@@ -45,11 +45,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with our help format."""
+    """argparse with our help format; positionals (prompts, key=value overrides) may come before, between or after
+    the flags."""
 
     def __init__(self, *args, **kwargs):
         kwargs["formatter_class"] = HelpFormatter
         super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        return self.parse_intermixed_args(args, namespace)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -59,41 +63,69 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="diffusers folder, training checkpoint folder, single-file .safetensors, configs/models YAML, or hub id "
         "(default: $LDM_MODEL, else the shipped model)",
     )
-    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin/.pt checkpoints (torch.load weights_only)")
+    g.add_argument("--allow-pickle", action="store_true", help="allow pickle weights: .ckpt/.bin/.pt files, and "
+                   "model folders, hub models or LoRAs with only .bin weights (torch.load weights_only)")
     g.add_argument("--model-config", metavar="FOLDER|NAME",
                    help="architecture of a single-file checkpoint: a diffusers folder or configs/models name "
                    "(default: from the file's metadata, else SD 1.x/2.x by its cross-attention width)")
     g.add_argument("--lora", action="append", default=[], help="LoRA weights (folder or .safetensors) from ldm train; repeatable")
-    g.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA weights")
+    g.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA weights (default: 1; "
+                   "txt2img/img2img --replay: the recorded one)")
+
+
+# Defaults of the sampling options. The parser leaves them None, so that --replay can tell which ones were given
+# (and refuse them: a replay uses the recorded settings); `apply_sampling_defaults` fills them in afterwards.
+SAMPLING_DEFAULTS = {"negative_prompt": "", "guidance_rescale": 0.0, "eta": 0.0, "num_images": 1, "batch_size": 1,
+                     "clip_skip": 1, "strength": 0.75, "resize_mode": "crop"}
+# sampling options (dest → flag) that a replay takes from the image's record
+RECORDED_OPTIONS = {"negative_prompt": "--negative-prompt", "steps": "--steps", "guidance_scale": "--guidance-scale",
+                    "guidance_rescale": "--guidance-rescale", "scheduler": "--scheduler", "eta": "--eta",
+                    "seed": "--seed", "num_images": "--num-images", "batch_size": "--batch-size", "height": "--height",
+                    "width": "--width", "clip_skip": "--clip-skip", "init_image": "--init-image",
+                    "strength": "--strength", "resize_mode": "--resize-mode"}
+
+
+def apply_sampling_defaults(args: argparse.Namespace) -> None:
+    for dest, value in SAMPLING_DEFAULTS.items():
+        if hasattr(args, dest) and getattr(args, dest) is None:
+            setattr(args, dest, value)
 
 
 def add_generation_args(p: argparse.ArgumentParser, img2img: bool = False) -> None:
-    from ldm_pipeline.schedulers import SCHEDULERS
+    from ldm_pipeline.schedulers import ETA_SCHEDULERS, SCHEDULERS
 
     p.add_argument("prompt", nargs="*", help="text prompt(s); each makes --num-images images")
     p.add_argument("--from-file", metavar="FILE", help=".txt (one prompt per line) or .jsonl/.csv with per-row prompt, "
-                   "negative_prompt, seed, steps, guidance_scale, scheduler, width, height" + (", strength, init_image" if img2img else ""))
-    p.add_argument("--replay", metavar="IMAGE.png", help="regenerate an image from the metadata it carries")
+                   "negative_prompt, seed, steps, guidance_scale, guidance_rescale, scheduler, eta, width, height, "
+                   "clip_skip, num_images" + (", strength, init_image" if img2img else ""))
+    p.add_argument("--replay", metavar="IMAGE.png", help="regenerate an image from the metadata it carries (sampling "
+                   "options are taken from it; runtime and model options may be given)")
     add_model_args(p)
+    p.set_defaults(lora_scale=None)  # None = not given: a replay then keeps the recorded scale
     g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--negative-prompt", default="", help="what to steer away from")
+    g.add_argument("-n", "--negative-prompt", help="what to steer away from")
     g.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     g.add_argument("--guidance-scale", "--cfg", type=float, help="classifier-free guidance scale; 1 skips the unconditional pass (default: the model's)")
-    g.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale φ (Lin et al. 2023), 0 = off")
+    g.add_argument("--guidance-rescale", type=float, help="CFG rescale φ (Lin et al. 2023) in [0, 1] (default: 0 = off)")
     g.add_argument("--scheduler", choices=list(SCHEDULERS), metavar="NAME", help=f"sampler: {', '.join(SCHEDULERS)} (default: the model's)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM/DDPM stochasticity η")
-    g.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default: random, recorded)")
-    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    g.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    g.add_argument("--height", type=int, help="image height in pixels, a multiple of the VAE factor (default: the model's)")
+    g.add_argument("--eta", type=float, help=f"DDIM stochasticity η >= 0 (default: 0); only for --scheduler "
+                   f"{'/'.join(ETA_SCHEDULERS)}")
+    g.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i; -1 = random (default: "
+                   "random, recorded)")
+    g.add_argument("--num-images", type=int, help="images per prompt (default: 1)")
+    g.add_argument("--batch-size", type=int, help="images per forward pass (default: 1)")
+    g.add_argument("--height", type=int, help="image height in pixels (default: the model's); txt2img: a multiple of 8 "
+                   "and of the VAE factor, img2img: of the VAE factor")
     g.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
-    g.add_argument("--clip-skip", type=int, default=1, help="use the text encoder's N-th last layer (A1111 meaning: 1 = last, 2 = penultimate)")
+    g.add_argument("--clip-skip", type=int, help="use the text encoder's N-th last layer (A1111 meaning: 1 = last, "
+                   "2 = penultimate; default: 1)")
     if img2img:
         g = p.add_argument_group("img2img")
         g.add_argument("--init-image", help="image file, folder or glob to edit")
-        g.add_argument("--strength", type=float, default=0.75, help="how much to change the image, in (0, 1]")
-        g.add_argument("--resize-mode", choices=["crop", "pad", "stretch"], default="crop",
-                       help="fitting the init image to the size (or to the VAE factor)")
+        g.add_argument("--strength", type=float, help="how much to change the image, in (0, 1]; img2img runs "
+                       "int(steps × strength) steps, which must be at least 1 (default: 0.75)")
+        g.add_argument("--resize-mode", choices=["crop", "pad", "stretch"],
+                       help="fitting the init image to the size (or to the VAE factor; default: crop)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights/activations precision (default fp32; replay: the recorded one)")

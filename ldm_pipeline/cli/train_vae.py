@@ -19,15 +19,8 @@ import sys
 from ldm_pipeline.cli.common import Parser, run_main
 
 
-class _Parser(Parser):
-    """Lets key=value overrides come before, between or after the flags."""
-
-    def parse_args(self, args=None, namespace=None):
-        return self.parse_intermixed_args(args, namespace)
-
-
 def build_parser(prog: str = "ldm train-vae") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config field, e.g. kl_weight=1e-5 eval_every=50")
     p.add_argument("--config", default="shapes_vae", help="training YAML, or a name under configs/train")
     p.add_argument("--model", help="configs/models YAML (name or path) whose vae: block is built, or an AutoencoderKL folder")

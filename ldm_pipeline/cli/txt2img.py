@@ -25,42 +25,54 @@ def build_parser(prog: str = "ldm txt2img", img2img: bool = False) -> argparse.A
     return p
 
 
+# flag → the setting whose rule (`ldm_pipeline.pipeline.check_setting`) it follows
+FLAG_SETTINGS = {"steps": "num_inference_steps", "guidance_scale": "guidance_scale",
+                 "guidance_rescale": "guidance_rescale", "eta": "eta", "seed": "seed", "num_images": "num_images",
+                 "batch_size": "batch_size", "height": "height", "width": "width", "clip_skip": "clip_skip",
+                 "strength": "strength"}
+
+
 def check_args(args: argparse.Namespace, img2img: bool) -> None:
-    """Argument errors that need no model (fast failures, before the heavy imports)."""
+    """Argument errors that need no model (fast failures, before the heavy imports), then the sampling defaults
+    filled in. A replay takes its sampling settings from the image, so giving any of them is an error."""
+    from ldm_pipeline.cli.common import RECORDED_OPTIONS, apply_sampling_defaults
+    from ldm_pipeline.pipeline import check_eta, check_img2img_steps, check_setting
+
     sources = sum(bool(x) for x in (args.prompt, args.from_file, args.replay))
     if sources == 0:
         raise UserError("no prompt: pass a prompt, --from-file FILE or --replay IMAGE.png")
     if sources > 1:
         raise UserError("pass only one of: prompt arguments, --from-file, --replay")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1 (got {args.steps})")
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be at least 1 (got {args.num_images})")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
-    for name in ("height", "width"):
-        v = getattr(args, name)
-        if v is not None and v <= 0:
-            raise UserError(f"--{name} must be positive (got {v})")
+    if args.replay:
+        given = [flag for dest, flag in RECORDED_OPTIONS.items() if getattr(args, dest, None) is not None]
+        if given:
+            raise UserError(f"--replay regenerates the image with the settings recorded in it: drop {', '.join(given)} "
+                            "(only model, runtime and output options combine with --replay)")
+    apply_sampling_defaults(args)
+    for dest, setting in FLAG_SETTINGS.items():
+        if problem := check_setting(setting, getattr(args, dest, None)):
+            raise UserError(f"--{dest.replace('_', '-')} {problem}")
+    if problem := check_eta(args.eta, args.scheduler):
+        raise UserError(problem)
     if img2img:
-        if not 0 < args.strength <= 1:
-            raise UserError(f"--strength must be in (0, 1] (got {args.strength})")
         if not args.init_image and not args.replay and not args.from_file:
             raise UserError("img2img needs --init-image (a file, folder or glob)")
-    if args.guidance_scale is not None and args.guidance_scale < 0:
-        raise UserError(f"--guidance-scale must be >= 0 (got {args.guidance_scale})")
+        if args.steps is not None and (problem := check_img2img_steps(args.steps, args.strength)):
+            raise UserError(problem)
 
 
-def jobs_from_args(args: argparse.Namespace, img2img: bool) -> list:
-    """Expand prompts × images (× init images) into Jobs; image i of the run gets seed + i."""
-    from ldm_pipeline.pipeline import MAX_SEED, Job, check_image_readable, expand_image_paths, random_seed
+def jobs_from_args(args: argparse.Namespace, img2img: bool, base_seed: int | None = None) -> list:
+    """Expand prompts × images (× init images) into Jobs; image i of the run gets base_seed + i (a row's own seed
+    s gives its images s, s+1, …). `base_seed` defaults to --seed, else a random one."""
+    from ldm_pipeline.pipeline import RANDOM, Job, check_image_readable, expand_image_paths, random_seed, wrap_seed
     from ldm_pipeline.prompts import read_prompt_file
 
     rows = read_prompt_file(args.from_file) if args.from_file else [{"prompt": p} for p in args.prompt]
     for r in rows:
         if not r["prompt"].strip():
             raise UserError("empty prompt: give some text (use --negative-prompt for what to avoid)")
-    base_seed = args.seed if args.seed is not None else random_seed()
+    if base_seed is None:
+        base_seed = args.seed if args.seed not in (None, RANDOM) else random_seed()
     run = dict(
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
@@ -79,6 +91,8 @@ def jobs_from_args(args: argparse.Namespace, img2img: bool) -> list:
         row = dict(row)
         n = row.pop("num_images", args.num_images)
         row_seed = row.pop("seed", None)
+        if row_seed == RANDOM:  # "seed": -1 is "random": the run's seed sequence, as for a row without a seed
+            row_seed = None
         init_spec = row.pop("init_image", None) or (args.init_image if img2img else None)
         if img2img and not init_spec:
             raise UserError(f"no init image for prompt '{row['prompt'][:40]}': pass --init-image or an init_image column")
@@ -89,33 +103,73 @@ def jobs_from_args(args: argparse.Namespace, img2img: bool) -> list:
         for init in inits:
             for k in range(n):
                 i = len(jobs)
-                seed = (row_seed + k) if row_seed is not None else (base_seed + i) % (MAX_SEED + 1)
+                seed = wrap_seed(row_seed + k) if row_seed is not None else wrap_seed(base_seed + i)
                 jobs.append(Job(**{**run, **row}, seed=seed, init_image=init, index=i))
     return jobs
 
 
-def job_from_record(record: dict, args: argparse.Namespace):
+def jobs_from_record(record: dict) -> list:
+    """The jobs that regenerate a recorded image: the image alone, or its whole batch when it was made in one
+    (batched convolutions round differently from single ones). The recorded image is the job with index 0."""
+    import dataclasses
+
     from ldm_pipeline.pipeline import Job
 
     keys = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "guidance_rescale",
             "scheduler", "eta", "clip_skip", "strength", "init_image", "resize_mode")
-    job = Job(**{k: record[k] for k in keys if k in record})
-    if record.get("mode") == "txt2img":
-        job.height, job.width = record["height"], record["width"]
+    base = Job(**{k: record[k] for k in keys if k in record})
+    base.height, base.width = record["height"], record["width"]
+    batch = record.get("batch")
+    if batch:
+        members, position = batch["members"], batch["position"]
     else:
-        job.height, job.width = record["height"], record["width"]
-        if not Path(job.init_image).is_file():
-            raise UserError(f"replay needs the init image {job.init_image}, which is not there")
-        from ldm_pipeline.models import file_sha256
+        members = [{k: record[k] for k in ("prompt", "negative_prompt", "seed", "init_image", "init_image_sha256")
+                    if k in record}]
+        position = 0
+    jobs = []
+    for pos, m in enumerate(members):
+        job = dataclasses.replace(base, prompt=m["prompt"], negative_prompt=m["negative_prompt"], seed=m["seed"],
+                                  index=0 if pos == position else pos + 1)
+        if record.get("mode") == "img2img":
+            job.init_image = m["init_image"]
+            _check_init_image_unchanged(job.init_image, m.get("init_image_sha256"))
+        jobs.append(job)
+    return jobs
 
-        if file_sha256(job.init_image) != record.get("init_image_sha256"):
-            raise UserError(f"init image {job.init_image} has changed since the image was made; replay needs the original")
-    return job
+
+def _check_init_image_unchanged(path: str, sha256: str | None) -> None:
+    from ldm_pipeline.models import file_sha256
+
+    if not Path(path).is_file():
+        raise UserError(f"replay needs the init image {path}, which is not there")
+    if file_sha256(path) != sha256:
+        raise UserError(f"init image {path} has changed since the image was made; replay needs the original")
+
+
+def _lora_scale(args: argparse.Namespace, record: dict | None) -> float:
+    if args.lora_scale is not None:
+        return args.lora_scale
+    if record is not None and record.get("lora_scale") is not None:
+        return record["lora_scale"]  # a recorded 0.0 stays 0.0
+    return 1.0
+
+
+def warn_replay_differences(record: dict, gen) -> None:
+    """Replay is bit-exact on the recorded model, device type and dtype; say so when one of them differs."""
+    here = gen.device.split(":")[0]
+    if record["model"]["hash"] != gen.info.hash:
+        print(f"warning: model hash {gen.info.hash} differs from the recorded {record['model']['hash']}", file=sys.stderr)
+    if record.get("device_type") and record["device_type"] != here:
+        print(f"warning: the image was made on {record['device_type']} and is replayed on {here}: pixels may differ",
+              file=sys.stderr)
+    if record.get("dtype") and record["dtype"] != gen.options.dtype:
+        print(f"warning: the image was made in {record['dtype']} and is replayed in {gen.options.dtype}: pixels may "
+              "differ", file=sys.stderr)
 
 
 def run(args: argparse.Namespace, img2img: bool = False) -> int:
     check_args(args, img2img)
-    from ldm_pipeline.pipeline import RuntimeOptions, check_outdir
+    from ldm_pipeline.pipeline import RANDOM, RuntimeOptions, check_outdir
 
     outdir = Path(args.outdir)
     check_outdir(outdir)
@@ -139,34 +193,47 @@ def run(args: argparse.Namespace, img2img: bool = False) -> int:
         allow_pickle=args.allow_pickle,
         model_config=args.model_config or (record["model"].get("config") if record else None),
         lora=args.lora or ([x["path"] for x in record.get("lora", [])] if record else []),
-        lora_scale=args.lora_scale if args.lora else (record.get("lora_scale") or 1.0 if record else 1.0),
+        lora_scale=_lora_scale(args, record),
     )
+    from ldm_pipeline.distributed import init_state, shared_random_seed, split_jobs, world_size
+
     if record is not None:
-        jobs = [job_from_record(record, args)]
+        if world_size() > 1:
+            raise UserError("--replay regenerates one image: run it as one process (without torchrun or accelerate launch)")
+        state, jobs = None, jobs_from_record(record)
+        batch_size, keep = len(jobs), {0}
     else:
-        jobs = jobs_from_args(args, img2img)
+        state = init_state(options)
+        base_seed = args.seed if args.seed not in (None, RANDOM) else shared_random_seed(state)
+        jobs = jobs_from_args(args, img2img, base_seed)
+        batch_size, keep = args.batch_size, None
 
-    from ldm_pipeline.distributed import split_jobs
-
-    with split_jobs(jobs, outdir, options) as (my_jobs, start_number, state):
+    with split_jobs(jobs, outdir, state) as (my_jobs, start_number):
         from ldm_pipeline.pipeline import Generator
 
         gen = Generator.load(model, options)
-        if record is not None and record["model"]["hash"] != gen.info.hash:
-            print(f"warning: model hash {gen.info.hash} differs from the recorded {record['model']['hash']}", file=sys.stderr)
-        return generate_and_save(gen, my_jobs, args, outdir, start_number, state)
+        if record is not None:
+            warn_replay_differences(record, gen)
+        return generate_and_save(gen, my_jobs, args, outdir, start_number, state, batch_size, keep)
 
 
-def generate_and_save(gen, jobs: list, args: argparse.Namespace, outdir: Path, start_number: int, state) -> int:
+def generate_and_save(gen, jobs: list, args: argparse.Namespace, outdir: Path, start_number: int, state,
+                      batch_size: int | None = None, keep: set[int] | None = None) -> int:
+    """Generate `jobs` and save each image as OUTDIR/NNNNN-SEED.png (only the job indexes in `keep`, if given);
+    with --grid, also the grid of the whole run (every rank takes part in gathering it)."""
     from tqdm import tqdm
 
     from ldm_pipeline.pipeline import make_grid, save_png
 
+    jobs = [gen.resolve(j) for j in jobs]  # settings errors (size, steps × strength …) before any progress bar
     show = not args.quiet and (state is None or state.is_local_main_process)
-    bar = tqdm(total=len(jobs), unit="img", desc="generating", disable=not show, dynamic_ncols=True, file=sys.stderr)
+    total = len(keep) if keep is not None else len(jobs)
+    bar = tqdm(total=total, unit="img", desc="generating", disable=not show, dynamic_ncols=True, file=sys.stderr)
     saved: list[tuple[int, Path, object]] = []
     try:
-        for result in gen.generate(jobs, batch_size=args.batch_size):
+        for result in gen.generate(jobs, batch_size=batch_size or args.batch_size):
+            if keep is not None and result.job.index not in keep:
+                continue
             name = f"{start_number + result.job.index:05d}-{result.job.seed}.png"
             path = save_png(result.image, outdir / name, result.record)
             saved.append((result.job.index, path, result.image))
@@ -178,11 +245,11 @@ def generate_and_save(gen, jobs: list, args: argparse.Namespace, outdir: Path, s
         return 130
     finally:
         bar.close()  # so an error message starts on a line of its own
-    if args.grid and saved:
+    if args.grid:
         from ldm_pipeline.distributed import gather_grid_images
 
-        images = gather_grid_images(saved, state)
-        if images is not None:
+        images = gather_grid_images(saved, state)  # a collective: ranks with no images take part too
+        if images:
             grid_path = save_png(make_grid(images), outdir / f"grid-{start_number:05d}.png")
             print(grid_path, flush=True)
     return 0

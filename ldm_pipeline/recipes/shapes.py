@@ -23,8 +23,6 @@ from typing import Any
 
 from ldm_pipeline.config import merge, resolve_config_path, save_yaml
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "models" / "shapes"
-
 
 @dataclass
 class ShapesRecipe:
@@ -207,7 +205,7 @@ def _package(r: ShapesRecipe, final: Path, model_dir: Path, metrics: dict[str, A
     """fp16 safetensors copy of the final model with a model card; into the package when `r.package`."""
     import torch
 
-    from ldm_pipeline.models import DEFAULTS_FILE, load_pipeline, save_pipeline
+    from ldm_pipeline.models import DEFAULTS_FILE, SHIPPED_MODEL, load_pipeline, save_pipeline
 
     pipe, info = load_pipeline(str(final))
     pipe.to(dtype=torch.float16)
@@ -216,10 +214,10 @@ def _package(r: ShapesRecipe, final: Path, model_dir: Path, metrics: dict[str, A
     if (final / DEFAULTS_FILE).is_file():
         shutil.copy(final / DEFAULTS_FILE, model_dir / DEFAULTS_FILE)
     if r.package:
-        if SHIPPED_DIR.exists():
-            shutil.rmtree(SHIPPED_DIR)
-        shutil.copytree(model_dir, SHIPPED_DIR)
-        return SHIPPED_DIR
+        if SHIPPED_MODEL.exists():
+            shutil.rmtree(SHIPPED_MODEL)
+        shutil.copytree(model_dir, SHIPPED_MODEL)
+        return SHIPPED_MODEL
     return model_dir
 
 
