@@ -22,15 +22,8 @@ import sys
 from ldm_pipeline.cli.common import Parser, run_main
 
 
-class _Parser(Parser):
-    """Lets key=value overrides come before, between or after the flags."""
-
-    def parse_args(self, args=None, namespace=None):
-        return self.parse_intermixed_args(args, namespace)
-
-
 def build_parser(prog: str = "ldm train") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config field, e.g. lora.rank=8 data.random_flip=true")
     p.add_argument("--config", help="training YAML, or a name under configs/train (sd15_finetune, sd15_lora, tiny_test)")
     p.add_argument("--model", help="diffusers folder, checkpoint folder, .safetensors, configs/models YAML or hub id")
@@ -76,9 +69,24 @@ def config_from_args(args: argparse.Namespace):
     return load_train_config(args.config, flags, parse_overrides(args.overrides))
 
 
+def show_data_warnings(prog: str) -> None:
+    """The data layer's warnings (an unreadable shard or parquet file) as one line each on stderr; its per-worker
+    INFO lines stay quiet (the loop prints the merged data summary after each epoch and at the end)."""
+    import logging
+
+    log = logging.getLogger("ldm_pipeline")
+    if not any(getattr(h, "ldm_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
+        handler.ldm_cli = True
+        log.addHandler(handler)
+
+
 def run(args: argparse.Namespace) -> int:
     from ldm_pipeline.training.loop import TrainingDiverged, train
 
+    show_data_warnings(args.prog)
     config = config_from_args(args)
     try:
         train(config)

@@ -71,6 +71,13 @@ class LoaderState:
             out = out.merge(DataStats.from_dict(s["stats"])).merge(DataStats.from_dict(s["epoch_stats"]))
         return out
 
+    def finished_epochs_stats(self) -> DataStats:
+        """Like `stats`, without the epochs the workers are still in (a per-epoch summary)."""
+        out = DataStats()
+        for s in self.workers.values():
+            out = out.merge(DataStats.from_dict(s["stats"]))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (worker ids become string keys)."""
         return {"next_worker": self.next_worker, "workers": {str(k): v for k, v in sorted(self.workers.items())}}
@@ -246,8 +253,8 @@ class ShardedCaptionDataset(IterableDataset):
         cfg = self.config
         stats.seen += 1
         caption = raw.caption.strip() if raw.caption else ""
-        reason = None
-        if not caption and not cfg.allow_empty_captions:
+        reason = raw.skip  # e.g. bad_metadata: the row itself did not parse
+        if reason is None and not caption and not cfg.allow_empty_captions:
             reason = "no_caption"
         reason = reason or filter_reason(raw.meta, cfg.filters)
         if reason is None and raw.image is None:
@@ -307,6 +314,38 @@ def make_dataloader(dataset: ShardedCaptionDataset, num_workers: int,
             raise UserError(f"data state was saved with {state.num_workers} workers, now {max(1, num_workers)}: "
                             "resume with the same data.num_workers")
         dataset.load_state_dict(state)
+    if num_workers < 0:
+        raise UserError(f"data.num_workers must be >= 0 (got {num_workers})")
     if num_workers > 0:  # forked workers would otherwise warn that tokenizers parallelism gets disabled
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    return _Loader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+
+
+_WORKER_USER_ERROR = "ldm_pipeline.errors.UserError: "
+
+
+def worker_error_message(text: str) -> str:
+    """The user's one-line message inside torch's re-raised worker error ("Caught UserError in DataLoader worker
+    process 0. Original Traceback ... ldm_pipeline.errors.UserError: MESSAGE"); other text unchanged."""
+    if not text.startswith("Caught UserError") or _WORKER_USER_ERROR not in text:
+        return text
+    return text.rsplit(_WORKER_USER_ERROR, 1)[1].strip()
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers' UserErrors reach the caller as one-line UserErrors, as they would with
+    ``num_workers=0`` (torch re-raises them with the worker's whole traceback in the message)."""
+
+    def __iter__(self):
+        return _one_line_worker_errors(super().__iter__())
+
+
+def _one_line_worker_errors(batches):
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UserError as e:
+            raise UserError(worker_error_message(str(e))) from None
+        yield batch

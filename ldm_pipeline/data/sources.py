@@ -4,8 +4,13 @@
   header index (`tarfile` reads only headers when listing), URLs (s3://, https://, pipe:) are streamed;
 * parquet with an image-bytes column (img2dataset ``jpg`` + ``caption``): one file or row group per shard,
   read row group by row group so memory stays flat;
-* an image folder with ``metadata.jsonl``/``metadata.csv`` (diffusers imagefolder: ``file_name`` + text column);
-* a Hugging Face dataset by name (needs the optional ``datasets`` package).
+* an image folder with ``metadata.jsonl``/``metadata.csv`` (diffusers imagefolder: ``file_name`` + text column),
+  cut into byte ranges of the metadata file: startup reads only its first rows (a CSV is scanned once for record
+  boundaries, nothing is parsed or kept), each shard reads its own range when it is iterated;
+* a Hugging Face dataset by name, streamed (``streaming=True``; needs the optional ``datasets`` package).
+
+A row that cannot be read (malformed JSON, a JSON value that is not an object, a CSV row without ``file_name``) is
+a sample skipped as ``bad_metadata``, never the end of its shard.
 
 A shard yields ``(index, RawSample)`` in a deterministic order: shuffled from a seed string, starting at any index
 without reading what comes before it (streamed URLs must read past it, but nothing is decoded). Every sample carries
@@ -28,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ldm_pipeline.data.stats import DataStats
 from ldm_pipeline.errors import UserError
 
@@ -51,6 +54,7 @@ class RawSample:
     image: bytes | str | None  # encoded image bytes, or a local file path (image folders)
     caption: str | None
     meta: dict[str, Any] = field(default_factory=dict)  # img2dataset json / parquet row / metadata row
+    skip: str | None = None  # a reason to skip it before decoding (e.g. bad_metadata: its row did not parse)
 
 
 def is_url(spec: str) -> bool:
@@ -100,7 +104,7 @@ def _tar_sample(shard: Shard, key: str, parts: dict[str, bytes], image_ext: str 
         try:
             loaded = json.loads(parts["json"])
             meta = loaded if isinstance(loaded, dict) else {}
-        except ValueError:
+        except ValueError:  # the image and caption are still good: keep the sample, without metadata filters
             meta = {}
     exts = (image_ext,) if image_ext else IMAGE_EXTS
     image = next((parts[e] for e in exts if e in parts), None)
@@ -108,6 +112,24 @@ def _tar_sample(shard: Shard, key: str, parts: dict[str, bytes], image_ext: str 
         image = next((v for e, v in parts.items() if e not in ("json", "txt", "caption", "text")), None)
     caption = _caption_from(parts, caption_ext, meta)
     return RawSample(f"{shard.name}/{key}", [shard.shard_id, key], image, caption, meta)
+
+
+def _buffer_shuffled(stream: Iterator[RawSample], seed: str | None, buffer: int) -> Iterator[RawSample]:
+    """A stream shuffled through a buffer of `buffer` samples (webdataset's shuffle), deterministic for a seed."""
+    if seed is None or buffer <= 1:
+        yield from stream
+        return
+    rng = random.Random(seed)
+    buf: list[RawSample] = []
+    for sample in stream:
+        if len(buf) < buffer:
+            buf.append(sample)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
 
 
 def _permutation(n: int, seed: str | None) -> list[int]:
@@ -219,24 +241,8 @@ class StreamTarShard(Shard):
         finally:
             stream.close()
 
-    def _shuffled(self, seed: str | None) -> Iterator[RawSample]:
-        if seed is None or self.buffer <= 1:
-            yield from self._stream()
-            return
-        rng = random.Random(seed)
-        buf: list[RawSample] = []
-        for sample in self._stream():
-            if len(buf) < self.buffer:
-                buf.append(sample)
-                continue
-            i = rng.randrange(len(buf))
-            buf[i], sample = sample, buf[i]
-            yield sample
-        rng.shuffle(buf)
-        yield from buf
-
     def iterate(self, seed, start, want, stats):
-        for j, sample in enumerate(self._shuffled(seed)):
+        for j, sample in enumerate(_buffer_shuffled(self._stream(), seed, self.buffer)):
             if j >= start and (want is None or want(j)):
                 yield j, sample
         if self.truncated and (want is None or want(0)):
@@ -338,112 +344,210 @@ class ParquetShard(Shard):
         return out
 
 
-class ImageFolderTable:
-    """diffusers imagefolder metadata: ``file_name`` + caption column; jsonl is indexed by line offsets."""
+# metadata byte ranges per shard: at least MIN (small files give one shard, split by sample between readers), at
+# most MAX (what one shard holds in memory while it is read)
+METADATA_CHUNK_BYTES = (64 * 1024, 1024 * 1024)
 
-    def __init__(self, root: Path, metadata: Path, caption_column: str | None):
-        self.root, self.metadata = root, metadata
-        if metadata.suffix == ".jsonl":
-            offsets, pos = [], 0
-            with open(metadata, "rb") as f:
-                for line in f:
-                    if line.strip():
-                        offsets.append(pos)
-                    pos += len(line)
-            # offsets, not rows: a million-image folder costs 8 MB per worker instead of its whole table
-            self.offsets, self.rows = np.asarray(offsets, dtype=np.int64), None
-            first = self._row(0) if offsets else {}
-        else:
-            with open(metadata, newline="", encoding="utf-8") as f:
-                self.rows = list(csv.DictReader(f))
-            self.offsets, first = None, (self.rows[0] if self.rows else {})
-        if first and "file_name" not in first:
-            raise UserError(f"{metadata}: needs a file_name column (diffusers imagefolder layout)")
-        self.caption_column = caption_column or next((c for c in ("text", *CAPTION_COLUMNS) if c in first), None)
-        if first and self.caption_column not in first:
-            raise UserError(f"{metadata}: no caption column {caption_column or ''} (columns: {', '.join(first)}); "
+
+class MetadataFile:
+    """diffusers imagefolder metadata (``file_name`` + caption column), read by byte ranges, never as a whole.
+
+    A record belongs to the range its first byte falls in. JSON Lines records are lines, so a range finds its first
+    record by skipping to the next newline; CSV records may span lines inside quotes, so the CSV is scanned once at
+    startup (quote parity, no parsing) for record-aligned range starts.
+    """
+
+    def __init__(self, root: Path, path: Path, caption_column: str | None):
+        self.root, self.path, self.is_csv = root, path, path.suffix == ".csv"
+        self.size = path.stat().st_size
+        self.header: list[str] = []
+        self.data_start = 0
+        with open(path, "rb") as f:
+            if self.is_csv:
+                head = self._read_record(f)
+                self.header = next(csv.reader(io.StringIO(head.decode("utf-8-sig", errors="replace"))), [])
+                self.data_start = f.tell()
+                columns = self.header
+            else:
+                columns = self._first_row_columns(f)
+        if "file_name" not in columns:
+            raise UserError(f"{path}: needs a file_name column (diffusers imagefolder layout)")
+        self.caption_column = caption_column or next((c for c in ("text", *CAPTION_COLUMNS) if c in columns), None)
+        if self.caption_column not in columns:
+            raise UserError(f"{path}: no caption column {caption_column or ''} (columns: {', '.join(columns)}); "
                             "set data.caption_column")
 
-    def __len__(self) -> int:
-        return len(self.rows) if self.rows is not None else len(self.offsets)
+    def _first_row_columns(self, f) -> list[str]:
+        """Columns of the first JSON object row (bad rows before it are skipped at training time)."""
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                return list(row)
+        raise UserError(f"{self.path}: no readable row (each line must be a JSON object with file_name and a caption)")
 
-    def _row(self, i: int) -> dict[str, Any]:
-        if self.rows is not None:
-            return self.rows[i]
-        with open(self.metadata, "rb") as f:
-            f.seek(int(self.offsets[i]))
-            return json.loads(f.readline())
+    @staticmethod
+    def _read_record(f) -> bytes:
+        """One CSV record from the current position: lines until the double quotes balance."""
+        buf = b""
+        while True:
+            line = f.readline()
+            buf += line
+            if not line or buf.count(b'"') % 2 == 0:
+                return buf
 
-    def get(self, i: int) -> tuple[str, str | bytes | None, str | None, dict[str, Any]]:
-        """(key, image path, caption, metadata row) of row `i`."""
-        row = self._row(i)
-        name = str(row.get("file_name", ""))
+    def ranges(self, min_shards: int) -> list[tuple[int, int]]:
+        """Byte ranges [start, stop) covering the records, about size / min_shards each (within the chunk bounds)."""
+        lo, hi = METADATA_CHUNK_BYTES
+        body = self.size - self.data_start
+        chunk = min(hi, max(lo, math.ceil(body / max(1, min_shards))))
+        if not self.is_csv:
+            return [(s, min(s + chunk, self.size)) for s in range(0, max(body, 1), chunk)]
+        starts, any_record = [self.data_start], False
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start)
+            pos = self.data_start
+            while True:
+                record = self._read_record(f)
+                if not record:
+                    break
+                any_record = any_record or bool(record.strip())
+                pos += len(record)
+                if pos - starts[-1] >= chunk and pos < self.size:
+                    starts.append(pos)
+        if not any_record:
+            raise UserError(f"{self.path}: no rows after the header")
+        return list(zip(starts, [*starts[1:], self.size]))
+
+    def records(self, start: int, stop: int) -> list[tuple[int, bytes]]:
+        """(offset, raw record) of every non-blank record whose first byte is in [start, stop)."""
+        out = []
+        with open(self.path, "rb") as f:
+            if self.is_csv or start == 0:
+                f.seek(start)
+            else:  # the first line starting at or after `start`
+                f.seek(start - 1)
+                f.readline()
+            pos = f.tell()
+            while pos < stop:
+                record = self._read_record(f) if self.is_csv else f.readline()
+                if not record:
+                    break
+                if record.strip():
+                    out.append((pos, record))
+                pos += len(record)
+        return out
+
+    def read_at(self, offset: int) -> bytes:
+        """The record starting at byte `offset` (a ref saved with a checkpoint)."""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return self._read_record(f) if self.is_csv else f.readline()
+
+    def _row(self, record: bytes) -> dict[str, Any] | None:
+        try:
+            if self.is_csv:
+                values = next(csv.reader(io.StringIO(record.decode("utf-8", errors="replace"))), [])
+                if len(values) > len(self.header):
+                    return None
+                return dict(zip(self.header, [*values, *[None] * (len(self.header) - len(values))]))
+            row = json.loads(record)
+        except (ValueError, csv.Error):
+            return None
+        return row if isinstance(row, dict) else None
+
+    def sample(self, shard_id: int, offset: int, record: bytes) -> RawSample:
+        row = self._row(record)
+        name = row.get("file_name") if row is not None else None
+        if not isinstance(name, str) or not name:
+            return RawSample(f"{self.path.name}@{offset}", [shard_id, offset], None, None, skip="bad_metadata")
         caption = row.get(self.caption_column)
         meta = {k: v for k, v in row.items() if k not in ("file_name", self.caption_column)}
-        return name, str(self.root / name), caption if isinstance(caption, str) else None, meta
+        return RawSample(name, [shard_id, offset], str(self.root / name), caption if isinstance(caption, str) else None,
+                         meta)
 
 
-class HFTable:
-    """A Hugging Face `datasets.Dataset`, images kept encoded (decode=False) until the sample is used."""
+class MetadataShard(Shard):
+    """One byte range of an image folder's metadata file; its records are read (not parsed) when iterated."""
 
-    def __init__(self, name: str, split: str, image_column: str | None, caption_column: str | None):
-        try:
-            import datasets
-        except ImportError:
-            raise UserError(f"'{name}' is no local file or folder; reading it as a Hugging Face dataset needs the "
-                            "datasets package (pip install datasets)") from None
-        try:
-            ds = datasets.load_dataset(name, split=split)
-        except Exception as e:  # offline, unknown name, bad split: all one line for the user
-            raise UserError(f"cannot load Hugging Face dataset '{name}' (split {split}): "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        names = list(ds.column_names)
-        self.image_column = image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
-        self.caption_column = caption_column or next((c for c in ("text", *CAPTION_COLUMNS) if c in names), None)
-        if self.image_column not in names or self.caption_column not in names:
-            raise UserError(f"dataset '{name}': image/caption columns not found (columns: {', '.join(names)}); "
-                            "set data.image_column and data.caption_column")
-        if isinstance(ds.features.get(self.image_column), datasets.Image):
-            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def get(self, i: int) -> tuple[str, str | bytes | None, str | None, dict[str, Any]]:
-        row = self.ds[i]
-        image = row.get(self.image_column)
-        if isinstance(image, dict):
-            image = image.get("bytes") or image.get("path")
-        elif image is not None and not isinstance(image, (bytes, str)):  # already a PIL image
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            image = buf.getvalue()
-        caption = row.get(self.caption_column)
-        meta = {k: v for k, v in row.items() if k not in (self.image_column, self.caption_column)
-                and isinstance(v, (str, int, float, bool, type(None)))}
-        return str(i), image, caption if isinstance(caption, str) else None, meta
-
-
-class IndexShard(Shard):
-    """A range [start, stop) of an indexed table (image folder or HF dataset)."""
-
-    def __init__(self, table: ImageFolderTable | HFTable, shard_id: int, start: int, stop: int):
+    def __init__(self, table: MetadataFile, shard_id: int, start: int, stop: int):
         self.table, self.shard_id, self.start, self.stop = table, shard_id, start, stop
-        self.name = f"{start}"
-
-    def _sample(self, i: int) -> RawSample:
-        key, image, caption, meta = self.table.get(i)
-        return RawSample(key, [self.shard_id, i], image, caption, meta)
+        self.name = f"{table.path.name}@{start}"
 
     def iterate(self, seed, start, want, stats):
-        order = _permutation(self.stop - self.start, seed)
-        for j in range(start, len(order)):
+        records = self.table.records(self.start, self.stop)
+        order = _permutation(len(records), seed)
+        for j in range(start, len(records)):
             if want is None or want(j):
-                yield j, self._sample(self.start + order[j])
+                offset, record = records[order[j]]
+                yield j, self.table.sample(self.shard_id, offset, record)
 
     def fetch(self, items):
-        return {i: self._sample(i) for i in items}
+        return {o: self.table.sample(self.shard_id, o, self.table.read_at(o)) for o in items}
+
+
+def _load_hf_stream(name: str, split: str, image_column: str | None, caption_column: str | None):
+    """(streaming dataset, image column, caption column), images kept encoded (decode=False) until used."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"'{name}' is no local file or folder; reading it as a Hugging Face dataset needs the "
+                        "datasets package (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+        names = list(ds.column_names or [])
+        if not names:  # features unknown until the first row (e.g. plain JSON files)
+            names = list(next(iter(ds)))
+    except Exception as e:  # offline, unknown name, bad split: all one line for the user
+        raise UserError(f"cannot load Hugging Face dataset '{name}' (split {split}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    image = image_column or next((c for c in IMAGE_COLUMNS if c in names), None)
+    caption = caption_column or next((c for c in ("text", *CAPTION_COLUMNS) if c in names), None)
+    if image not in names or caption not in names:
+        raise UserError(f"dataset '{name}': image/caption columns not found (columns: {', '.join(names)}); "
+                        "set data.image_column and data.caption_column")
+    features = ds.features or {}
+    if isinstance(features.get(image), datasets.Image):
+        ds = ds.cast_column(image, datasets.Image(decode=False))
+    return ds, image, caption
+
+
+class HFStreamShard(Shard):
+    """One of a streaming Hugging Face dataset's shards (its data files), read front to back through a shuffle
+    buffer like a streamed tar; a sample's ref is its index in the shard's stream."""
+
+    def __init__(self, ds, shard_id: int, num_shards: int, image_column: str, caption_column: str, buffer: int):
+        self.ds = ds.shard(num_shards=num_shards, index=shard_id) if num_shards > 1 else ds
+        self.shard_id, self.image_column, self.caption_column, self.buffer = shard_id, image_column, caption_column, buffer
+        self.name = f"hf{shard_id}"
+
+    def _stream(self) -> Iterator[RawSample]:
+        for i, row in enumerate(self.ds):
+            image = row.get(self.image_column)
+            if isinstance(image, dict):
+                image = image.get("bytes") or image.get("path")
+            elif image is not None and not isinstance(image, (bytes, str)):  # already a PIL image
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                image = buf.getvalue()
+            caption = row.get(self.caption_column)
+            meta = {k: v for k, v in row.items() if k not in (self.image_column, self.caption_column)
+                    and isinstance(v, (str, int, float, bool, type(None)))}
+            yield RawSample(f"{self.name}/{i}", [self.shard_id, i], image, caption if isinstance(caption, str) else None,
+                            meta)
+
+    def iterate(self, seed, start, want, stats):
+        for j, sample in enumerate(_buffer_shuffled(self._stream(), seed, self.buffer)):
+            if j >= start and (want is None or want(j)):
+                yield j, sample
+
+    def fetch(self, items):
+        wanted = set(items)
+        return {s.ref[1]: s for s in self._stream() if s.ref[1] in wanted}
 
 
 def expand_spec(spec: str) -> list[str]:
@@ -508,7 +612,8 @@ def detect_format(spec: str, files: list[str]) -> str:
 def open_sources(spec: str, format: str = "auto", image_column: str | None = None, caption_column: str | None = None,
                  min_shards: int = 1, shuffle_buffer: int = 1000, hf_split: str = "train") -> list[Shard]:
     """The shards of a data source. Lists files but opens no tar; parquet footers are read only when there are
-    fewer files than `min_shards` (then row groups become shards); index sources are cut into `min_shards`+ ranges.
+    fewer files than `min_shards` (then row groups become shards); image-folder metadata is cut into byte ranges
+    (`MetadataFile`); a Hugging Face dataset is streamed, one shard per data file.
     """
     if not spec:
         raise UserError("no training data given: set data.source (directory, glob, brace range, URL or HF name)")
@@ -524,26 +629,55 @@ def open_sources(spec: str, format: str = "auto", image_column: str | None = Non
                 if not is_url(f) and f.endswith(".tar") else
                 StreamTarShard(f, i, image_column, caption_column, shuffle_buffer) for i, f in enumerate(files)]
     if fmt == "parquet":
-        parquet_columns(_parquet_file(files[0]).schema_arrow, image_column, caption_column, files[0])
-        if len(files) >= min_shards:
-            return [ParquetShard(f, i, None, image_column, caption_column) for i, f in enumerate(files)]
-        shards: list[Shard] = []
-        for f in files:
-            for rg in range(_parquet_file(f).num_row_groups):
-                shards.append(ParquetShard(f, len(shards), [rg], image_column, caption_column))
-        return shards
+        return _parquet_shards(files, image_column, caption_column, min_shards)
     if fmt == "imagefolder":
         root = Path(files[0]) if files else Path(spec)
         metadata = _find_metadata(root)
         if metadata is None:
             raise UserError(f"{spec}: image folder needs metadata.jsonl or metadata.csv (file_name + text columns)")
-        table: ImageFolderTable | HFTable = ImageFolderTable(metadata.parent, metadata, caption_column)
-    elif fmt == "hf":
-        table = HFTable(spec[3:] if spec.startswith("hf:") else spec, hf_split, image_column, caption_column)
-    else:
-        raise UserError(f"unknown data format '{fmt}' (auto, webdataset, parquet, imagefolder, hf)")
-    n = len(table)
-    if n == 0:
-        raise UserError(f"data source '{spec}' has no samples")
-    chunk = max(1, min(1000, math.ceil(n / max(1, min_shards))))
-    return [IndexShard(table, i, s, min(s + chunk, n)) for i, s in enumerate(range(0, n, chunk))]
+        table = MetadataFile(metadata.parent, metadata, caption_column)
+        return [MetadataShard(table, i, a, b) for i, (a, b) in enumerate(table.ranges(min_shards))]
+    if fmt == "hf":
+        ds, image, caption = _load_hf_stream(spec[3:] if spec.startswith("hf:") else spec, hf_split, image_column,
+                                             caption_column)
+        n = max(1, int(getattr(ds, "n_shards", 1) or 1))
+        return [HFStreamShard(ds, i, n, image, caption, shuffle_buffer) for i in range(n)]
+    raise UserError(f"unknown data format '{fmt}' (auto, webdataset, parquet, imagefolder, hf)")
+
+
+def _parquet_shards(files: list[str], image_column: str | None, caption_column: str | None,
+                    min_shards: int) -> list[Shard]:
+    """One shard per file, or per row group when there are fewer files than readers. Files whose footer cannot be
+    read stay whole-file shards (skipped and counted as unreadable_shard when read); only when none is readable
+    is it an error."""
+    import logging
+
+    footers: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+
+    def footer(f: str):
+        if f not in footers and f not in errors:
+            try:
+                footers[f] = _parquet_file(f)
+            except UserError:
+                raise
+            except Exception as e:  # not parquet, truncated, permission: this file only
+                errors[f] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return footers.get(f)
+
+    first = next((f for f in files if footer(f) is not None), None)
+    if first is None:
+        raise UserError(f"no readable parquet file among {len(files)} ({files[0]}: {errors[files[0]]})")
+    parquet_columns(footers[first].schema_arrow, image_column, caption_column, first)
+    log = logging.getLogger("ldm_pipeline.data")
+    for f, e in errors.items():
+        log.warning("parquet file %s is unreadable (%s): its samples will be skipped", f, e)
+    if len(files) >= min_shards:
+        return [ParquetShard(f, i, None, image_column, caption_column) for i, f in enumerate(files)]
+    shards: list[Shard] = []
+    for f in files:
+        pf = footer(f)
+        groups = [None] if pf is None else [[rg] for rg in range(pf.num_row_groups)]
+        for rg in groups:
+            shards.append(ParquetShard(f, len(shards), rg, image_column, caption_column))
+    return shards

@@ -5,6 +5,10 @@ optimizer, grad scaler, registered objects, each rank's RNG states; plus each ra
 generator in ``rank_states/``), fsynced, then renamed into place by the main process. A run killed at any moment
 leaves either a complete ``checkpoint-STEP`` or a ``.tmp`` that `latest_checkpoint` never picks (and the next save
 deletes). The output directory must be shared by all ranks (as for diffusers' scripts).
+
+Resuming from step S makes the checkpoints after S an abandoned future: `set_aside_future` renames them
+``checkpoint-N.abandoned-TIME`` (kept, never picked by ``--resume latest`` nor counted by the total limit), so the
+run that continues from S neither mixes with them nor has its new checkpoints pruned in their favour.
 """
 
 from __future__ import annotations
@@ -56,12 +60,37 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
-def prune(output_dir: str | Path, keep: int | None) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints; returns the deleted ones."""
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a complete checkpoint was written at."""
+    return int(json.loads((checkpoint / STATE_FILE).read_text())["global_step"])
+
+
+def set_aside_future(output_dir: str | Path, step: int) -> list[Path]:
+    """Rename the checkpoints after `step` to ``checkpoint-N.abandoned-TIME`` (main process, when resuming from
+    `step`); returns their new paths."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for n, p in checkpoint_dirs(output_dir):
+        if n > step:
+            target = p.with_name(f"{p.name}.abandoned-{stamp}")
+            os.rename(p, target)
+            moved.append(target)
+    if moved:
+        _fsync_dir(Path(output_dir))
+    return moved
+
+
+def prune(output_dir: str | Path, keep: int | None, protect: Path | None = None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints, never `protect` (the one just written); returns the deleted."""
     if keep is None:
         return []
-    dirs = checkpoint_dirs(output_dir)
-    gone = [p for _, p in dirs[: max(0, len(dirs) - keep)]]
+    dirs = [p for _, p in checkpoint_dirs(output_dir)]
+    if protect is not None and Path(protect).resolve() in [p.resolve() for p in dirs]:
+        dirs = [p for p in dirs if p.resolve() != Path(protect).resolve()]
+        keep -= 1  # the protected one is kept and counts
+    gone = dirs[: max(0, len(dirs) - keep)]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
@@ -146,7 +175,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, rank_state: dict[s
             shutil.rmtree(old, ignore_errors=True)
         os.rename(tmp, final)
         _fsync_dir(output_dir)
-        prune(output_dir, total_limit)
+        prune(output_dir, total_limit, protect=final)
     accelerator.wait_for_everyone()
     return final
 

@@ -85,7 +85,9 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
     # --- precision and memory
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto = fp16 on CUDA, no on CPU
+    # auto = $ACCELERATE_MIXED_PRECISION (accelerate launch --mixed_precision, accelerate config) when set, else
+    # fp16 on CUDA and no on CPU
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20% slower
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
     # --- objective
@@ -99,8 +101,8 @@ class TrainConfig:
     cache_dir: str | None = None  # None = OUTPUT_DIR/cache
     cache_batch_size: int = 8  # images per VAE call in the precompute pass
     # --- checkpoints, validation, logging
-    checkpoint_every: int = 500  # optimizer steps between checkpoints; 0 = only at the end
-    checkpoints_total_limit: int | None = 3  # keep the newest N checkpoint-STEP dirs; None = all
+    checkpoint_every: int = 500  # optimizer steps between checkpoints; the last step always gets one (0 = only it)
+    checkpoints_total_limit: int | None = 3  # keep the newest N checkpoint-STEP dirs of this run; None = all
     checkpoint_pipeline: bool = True  # write checkpoint-STEP/pipeline/ (loadable by ldm txt2img) with each checkpoint
     validate_every: int = 500  # optimizer steps between sample grids; 0 = off
     validation: ValidationSettings = field(default_factory=ValidationSettings)
@@ -109,7 +111,8 @@ class TrainConfig:
     progress_bar: bool = True  # tqdm on the main process
     # --- robustness
     max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops (exit 3)
-    resume: str | None = None  # "latest" or a checkpoint-STEP path
+    # "latest" or a checkpoint-STEP path; later checkpoints in output_dir are renamed checkpoint-N.abandoned-TIME
+    resume: str | None = None
     overwrite: bool = False  # allow a non-empty output_dir without resume (its contents are deleted)
     # --- debugging and tests
     log_sample_keys: bool = False  # each rank appends its batches' sample keys to OUTPUT_DIR/debug/
@@ -141,6 +144,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise UserError("no training data given: pass --data (webdataset tars, parquet, an image folder or a HF dataset)")
     if not c.output_dir:
         raise UserError("no output directory given: pass --output-dir")
+    if c.lora.rank < 0:
+        raise UserError(f"lora.rank must be >= 0 (got {c.lora.rank})")
+    if c.lora.text_encoder and c.lora.rank == 0:
+        raise UserError("lora.text_encoder=true needs lora.rank > 0 (to train the whole text encoder instead, "
+                        "use train_text_encoder=true)")
     lora = is_lora(c)
     if c.learning_rate is None:
         c.learning_rate = 1e-4 if lora else 1e-5
@@ -163,8 +171,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise UserError(f"snr_gamma must be positive (got {c.snr_gamma})")
     if c.checkpoints_total_limit is not None and c.checkpoints_total_limit < 1:
         raise UserError("checkpoints_total_limit must be at least 1 (or null for no limit)")
-    if c.lora.rank < 0:
-        raise UserError(f"lora.rank must be >= 0 (got {c.lora.rank})")
+    _check_ranges(c)
     if c.cache_latents:
         # the cache holds one encoding per image (and its mirror image), so per-epoch random choices must be
         # reproducible from it: random crops and tag shuffling are not (see caching.py)
@@ -178,3 +185,52 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.resume is not None and c.resume != "latest" and not Path(c.resume).exists():
         raise UserError(f"--resume {c.resume}: no such checkpoint (pass 'latest' or a checkpoint-STEP folder)")
     return c
+
+
+def _check_ranges(c: TrainConfig) -> None:
+    """Values no run can use, each reported with its dotted key (before any model is loaded)."""
+    d = c.data
+
+    def need(ok: bool, key: str, what: str, value) -> None:
+        if not ok:
+            raise UserError(f"{key} must be {what} (got {value})")
+
+    need(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    need(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", "a positive multiple of 8", d.resolution)
+    need(d.bucket_step >= 8 and d.bucket_step % 8 == 0, "data.bucket_step", "a positive multiple of 8", d.bucket_step)
+    need(0.0 <= d.caption_dropout <= 1.0, "data.caption_dropout", "in [0, 1]", d.caption_dropout)
+    need(d.keep_tags >= 0, "data.keep_tags", ">= 0", d.keep_tags)
+    need(d.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0", d.shuffle_buffer)
+    need(d.max_image_pixels > 0, "data.max_image_pixels", "positive", d.max_image_pixels)
+    need(d.min_size is None or d.min_size >= 1, "data.min_size", "at least 1 (or null)", d.min_size)
+    if c.lora.rank > 0:
+        need(c.lora.alpha is None or c.lora.alpha > 0, "lora.alpha", "positive (or null for the rank)", c.lora.alpha)
+        need(0.0 <= c.lora.dropout < 1.0, "lora.dropout", "in [0, 1)", c.lora.dropout)
+        need(bool(c.lora.unet_target_modules), "lora.unet_target_modules", "a non-empty list",
+             c.lora.unet_target_modules)
+        if c.lora.text_encoder:
+            need(bool(c.lora.text_encoder_target_modules), "lora.text_encoder_target_modules", "a non-empty list",
+                 c.lora.text_encoder_target_modules)
+    e = c.ema
+    if e.enabled:
+        need(0.0 < e.decay <= 1.0, "ema.decay", "in (0, 1]", e.decay)
+        need(0.0 <= e.min_decay <= e.decay, "ema.min_decay", f"in [0, ema.decay={e.decay}]", e.min_decay)
+        need(e.update_after_step >= 0, "ema.update_after_step", ">= 0", e.update_after_step)
+        need(e.inv_gamma > 0, "ema.inv_gamma", "positive", e.inv_gamma)
+        need(e.power > 0, "ema.power", "positive", e.power)
+    for key in ("adam_beta1", "adam_beta2"):
+        need(0.0 <= getattr(c, key) < 1.0, key, "in [0, 1)", getattr(c, key))
+    need(c.adam_epsilon > 0, "adam_epsilon", "positive", c.adam_epsilon)
+    need(c.adam_weight_decay >= 0, "adam_weight_decay", ">= 0", c.adam_weight_decay)
+    need(c.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 = no clipping)", c.max_grad_norm)
+    need(c.noise_offset >= 0, "noise_offset", ">= 0", c.noise_offset)
+    need(c.lr_num_cycles >= 1, "lr_num_cycles", "at least 1", c.lr_num_cycles)
+    need(c.lr_power > 0, "lr_power", "positive", c.lr_power)
+    need(c.debug_nan_count >= 1, "debug_nan_count", "at least 1", c.debug_nan_count)
+    need(c.debug_sleep >= 0, "debug_sleep", ">= 0", c.debug_sleep)
+    v = c.validation
+    if c.validate_every:
+        need(v.num_inference_steps >= 1, "validation.num_inference_steps", "at least 1", v.num_inference_steps)
+        for key in ("height", "width"):
+            side = getattr(v, key)
+            need(side is None or side > 0, f"validation.{key}", "positive (or null for data.resolution)", side)

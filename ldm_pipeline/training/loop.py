@@ -3,15 +3,17 @@
 The loop, in order: load the model → freeze/cast what is not trained → optimizer, LR schedule, EMA → accelerate
 prepare → resume → (cache latents) → repeat until max_steps: gradient-accumulation window of micro-batches
 (encode → noise → UNet → loss → backward) → skip on NaN/inf → clip → optimizer/LR/EMA step → log, validate,
-checkpoint → final model + model card + loss curve.
+checkpoint (the last step always) → final model + model card + loss curve.
 
 Step counting is per optimizer step everywhere (max_steps, LR schedule, checkpoint and validation intervals), for any
-number of processes and accumulation steps.
+number of processes and accumulation steps; the accumulation count is accelerate's (our config, unless
+``accelerate launch`` or a DeepSpeed config sets it). What FSDP and DeepSpeed support is decided in `parallel`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +27,12 @@ from ldm_pipeline.config import save_yaml, to_dict
 from ldm_pipeline.errors import UserError
 from ldm_pipeline.training import checkpoints as ckpt
 from ldm_pipeline.training.config import TrainConfig, is_lora, resolve
+from ldm_pipeline.training.parallel import (
+    check_backend,
+    fill_deepspeed_config,
+    resolve_mixed_precision,
+    trains_text_encoder,
+)
 
 
 class TrainingDiverged(Exception):
@@ -54,17 +62,14 @@ def _log(accelerator, msg: str) -> None:
 
 
 def _make_accelerator(config: TrainConfig):
+    """The Accelerator for `config`, after refusing what its distributed backend cannot do (see `parallel`)."""
     import datetime
 
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    mp = config.mixed_precision
-    if mp == "auto":
-        mp = "fp16" if torch.cuda.is_available() else "no"
-    if mp == "fp16" and not torch.cuda.is_available():
-        raise UserError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    mp = resolve_mixed_precision(config.mixed_precision, os.environ, torch.cuda.is_available())
     log_with = {"none": None, "all": "all"}.get(config.report_to, config.report_to)
     if log_with == "wandb":
         try:
@@ -72,7 +77,7 @@ def _make_accelerator(config: TrainConfig):
         except ImportError:
             raise UserError("report_to wandb needs the wandb package: pip install wandb") from None
     out = Path(config.output_dir)
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=mp,
         log_with=log_with,
@@ -80,6 +85,12 @@ def _make_accelerator(config: TrainConfig):
         # the latent-caching pass ends in a barrier that waits for the slowest rank (see caching.py)
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=7200))],
     )
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    ds_config = plugin.deepspeed_config if plugin is not None else None
+    check_backend(config, str(accelerator.distributed_type), ds_config)
+    if ds_config is not None:
+        fill_deepspeed_config(ds_config, config.batch_size)
+    return accelerator
 
 
 def _check_output_dir(accelerator, config: TrainConfig) -> Path | None:
@@ -106,6 +117,11 @@ def _check_output_dir(accelerator, config: TrainConfig) -> Path | None:
             for p in entries:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         ckpt.remove_stale_tmp(out)
+        if resume is not None:  # checkpoints after the one we resume from belong to an abandoned future
+            moved = ckpt.set_aside_future(out, ckpt.checkpoint_step(resume))
+            if moved:
+                _log(accelerator, f"resuming from {resume.name}: set aside the later "
+                                  f"{', '.join(p.name for p in moved)} (not resumed from, not pruned)")
     accelerator.wait_for_everyone()
     return resume
 
@@ -150,7 +166,8 @@ def train(config: TrainConfig) -> TrainResult:
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     use_lora = is_lora(config)
-    train_te = config.train_text_encoder or config.lora.text_encoder
+    train_te = trains_text_encoder(config)
+    fsdp = str(accelerator.distributed_type).endswith("FSDP")
     set_seed(config.seed)  # model init of configs/models YAMLs; resume restores the RNG states anyway
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -164,6 +181,9 @@ def train(config: TrainConfig) -> TrainResult:
         sched_config["prediction_type"] = config.prediction_type
         pipe.scheduler = type(pipe.scheduler).from_config(sched_config)  # so saved models sample the same way
     noise_scheduler = DDPMScheduler.from_config(sched_config)
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"prediction_type: the model's scheduler predicts '{noise_scheduler.config.prediction_type}', "
+                        "which ldm train does not support; set prediction_type=epsilon or v_prediction")
     weight_dtype = _weight_dtype(accelerator)
 
     vae.requires_grad_(False)
@@ -200,7 +220,7 @@ def train(config: TrainConfig) -> TrainResult:
     te_params = [p for p in text_encoder.parameters() if p.requires_grad] if train_te else []
     lr = config.learning_rate
     if config.scale_lr:
-        lr *= config.batch_size * config.gradient_accumulation_steps * world
+        lr *= config.batch_size * accelerator.gradient_accumulation_steps * world
     optimizer = _make_optimizer(config, unet_params + te_params, lr)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process per call unless the step counts
     # are scaled by the number of processes (https://github.com/huggingface/diffusers/issues/6137). We step it
@@ -234,12 +254,19 @@ def train(config: TrainConfig) -> TrainResult:
 
         accelerator.register_save_state_pre_hook(_only_trainable)
     params_to_clip = unet_params + te_params
+    # micro-batches per optimizer step: accelerate's count, which `accelerate launch --gradient_accumulation_steps`
+    # or a DeepSpeed config may have set; the run is recorded with what it really does
+    if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
+        _log(accelerator, f"gradient accumulation {accelerator.gradient_accumulation_steps} from accelerate's settings "
+                          f"(instead of gradient_accumulation_steps={config.gradient_accumulation_steps})")
+        config = dataclasses.replace(config, gradient_accumulation_steps=accelerator.gradient_accumulation_steps)
 
     # noise, timesteps and latent sampling draw from this generator (per rank), saved with every checkpoint
     noise_gen = torch.Generator(device=device).manual_seed((config.seed * 1_000_003 + rank) % (2**63))
 
     # --- resume ------------------------------------------------------------------------------------------------
     global_step, samples_seen, bad_steps, loss_history, data_state = 0, 0, 0, [], None
+    resumed_step = None
     if resume_from is not None:
         _log(accelerator, f"resuming from {resume_from}")
         rank_state = ckpt.read_rank_state(resume_from, rank, world)
@@ -248,6 +275,7 @@ def train(config: TrainConfig) -> TrainResult:
             ema.to(device)
         state = json.loads((resume_from / ckpt.STATE_FILE).read_text())
         global_step, samples_seen = int(state["global_step"]), int(state["samples_seen"])
+        resumed_step = global_step
         bad_steps, loss_history = int(state["bad_steps"]), [tuple(x) for x in state["losses"]]
         noise_gen.set_state(ckpt.decode_bytes(rank_state["noise_generator"]))
         data_state = rank_state["data"]
@@ -271,6 +299,10 @@ def train(config: TrainConfig) -> TrainResult:
         batches = iter(dataset)
         loader_state = None
         cache_stats = manifest.get("stats", {})
+        from accelerate.utils import gather_object
+
+        cached_all = _merge_stats(gather_object([cache_stats or {}]))
+        _log(accelerator, f"cached {cached_all['used']} samples: {_summary(cached_all)}")
     else:
         dataset = build_dataset(config.data, config.batch_size, tokenizer=tokenizer, rank=rank, world_size=world)
         loader_state = LoaderState.from_dict(data_state) if data_state else LoaderState()
@@ -328,10 +360,11 @@ def train(config: TrainConfig) -> TrainResult:
         data = loader_state.to_dict() if loader_state is not None else cached_state
         return {"data": data, "noise_generator": ckpt.encode_bytes(noise_gen.get_state())}
 
-    def current_pipeline():
-        """A StableDiffusionPipeline around the live modules (shares their weights), for sampling and saving."""
+    def saving_pipeline(full_unet=None):
+        """A StableDiffusionPipeline for saving: the trained modules (sharing their weights) and the full-precision
+        copies of the frozen ones (mixed precision casts the live frozen ones)."""
         parts = {
-            "unet": accelerator.unwrap_model(unet),
+            "unet": full_unet if full_unet is not None else accelerator.unwrap_model(unet),
             "vae": fp32_copies.get("vae", vae),
             "text_encoder": fp32_copies.get("text_encoder", accelerator.unwrap_model(text_encoder)),
             "tokenizer": tokenizer,
@@ -339,21 +372,30 @@ def train(config: TrainConfig) -> TrainResult:
         }
         return pipeline_from_components(parts)
 
-    def save_ema_pipeline(path: Path) -> None:
+    def with_ema_weights(fn, *args) -> None:
+        """Run fn(*args) with the EMA weights swapped into the trained UNet parameters."""
         ema.store(unet_params)
         ema.copy_to(unet_params)
         try:
-            save_pipeline(current_pipeline(), path, defaults=info.defaults, overwrite=True)
+            fn(*args)
         finally:
             ema.restore(unet_params)
+
+    def save_ema_pipeline(path: Path) -> None:
+        with_ema_weights(lambda: save_pipeline(saving_pipeline(), path, defaults=info.defaults, overwrite=True))
+
+    def save_lora_weights(path: Path) -> None:
+        lora_mod.save_lora(path, accelerator.unwrap_model(unet),
+                           accelerator.unwrap_model(text_encoder) if config.lora.text_encoder else None)
 
     def write_checkpoint_extras(tmp: Path) -> None:
         save_yaml(config, tmp / ckpt.CONFIG_FILE)
         if use_lora:
-            lora_mod.save_lora(tmp / "lora", accelerator.unwrap_model(unet),
-                               accelerator.unwrap_model(text_encoder) if config.lora.text_encoder else None)
+            save_lora_weights(tmp / "lora")
+            if ema is not None:
+                with_ema_weights(save_lora_weights, tmp / "lora_ema")
         elif config.checkpoint_pipeline:
-            save_pipeline(current_pipeline(), tmp / "pipeline", defaults=info.defaults)
+            save_pipeline(saving_pipeline(), tmp / "pipeline", defaults=info.defaults)
             if ema is not None:
                 save_ema_pipeline(tmp / "pipeline_ema")
         ckpt.write_json(tmp / ckpt.STATE_FILE, {
@@ -362,9 +404,11 @@ def train(config: TrainConfig) -> TrainResult:
         })
 
     def save(step: int) -> None:
+        nonlocal last_saved_step
         path = ckpt.save_checkpoint(accelerator, out, step, rank_state_now(), write_checkpoint_extras,
                                     config.checkpoints_total_limit)
         saved_checkpoints.append(str(path))
+        last_saved_step = step
         _log(accelerator, f"saved {path}")
 
     def validate(step: int) -> None:
@@ -379,9 +423,14 @@ def train(config: TrainConfig) -> TrainResult:
             ema.store(unet_params)
             ema.copy_to(unet_params)
         try:
+            # the live modules in their training dtypes, on the training device, under autocast (the fp32 copies
+            # kept for saving stay on the CPU)
+            live = validation.live_pipeline({
+                "unet": accelerator.unwrap_model(unet), "vae": vae,
+                "text_encoder": accelerator.unwrap_model(text_encoder), "tokenizer": tokenizer,
+                "scheduler": pipe.scheduler}, device)
             with accelerator.autocast():
-                images = validation.sample_images(current_pipeline(), info, config.validation, height, width,
-                                                  str(device))
+                images = validation.sample_images(live, info, config.validation, height, width, str(device))
         finally:
             if ema is not None:
                 ema.restore(unet_params)
@@ -392,6 +441,25 @@ def train(config: TrainConfig) -> TrainResult:
 
         with Image.open(path) as grid:
             validation.log_grid(accelerator, grid.convert("RGB"), step)
+
+    def data_epoch() -> int:
+        """Epochs this rank's data stream has finished (every worker has handed out a batch of a later one)."""
+        if loader_state is None:
+            return int(cached_state["epoch"]) if cached_state else 0
+        states = loader_state.workers.values()
+        if not states or len(states) < (loader_state.num_workers or 1):
+            return 0
+        return min(int(s["epoch"]) for s in states)
+
+    def report_data(epochs_done: int) -> None:
+        """Collective: the data summary of all ranks' finished epochs, on the console and to the trackers."""
+        from accelerate.utils import gather_object
+
+        merged = _merge_stats(gather_object([loader_state.finished_epochs_stats().to_dict()]))
+        _log(accelerator, f"data after epoch {epochs_done}: {_summary(merged)}")
+        accelerator.log({"data/seen": merged["seen"], "data/used": merged["used"],
+                         "data/skipped": sum(merged["skipped"].values()), "data/epochs": epochs_done},
+                        step=global_step)
 
     # --- the loop ----------------------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -406,6 +474,8 @@ def train(config: TrainConfig) -> TrainResult:
                disable=not (accelerator.is_main_process and config.progress_bar), dynamic_ncols=True)
     consecutive_bad, nan_injected = 0, 0
     train_seconds = 0.0
+    last_saved_step = None
+    epochs_reported = data_epoch()
     try:
         while global_step < config.max_steps:
             step_t0 = time.perf_counter()
@@ -431,11 +501,16 @@ def train(config: TrainConfig) -> TrainResult:
                     keys_file.write(json.dumps({"step": global_step + 1, "keys": list(batch["keys"])}) + "\n")
             if poison:
                 nan_injected += 1
-            # one collective per optimizer step: summed loss, samples, and whether any rank saw a non-finite loss
-            # (every rank must take the same decision, or DDP ranks would diverge)
+            # one collective per optimizer step: summed loss, samples, whether any rank saw a non-finite loss (every
+            # rank must take the same decision, or DDP ranks would diverge) and the data epochs all ranks finished
             bad_local = 0.0 if torch.isfinite(loss_sum) else 1.0
-            totals = accelerator.reduce(torch.tensor([loss_sum.nan_to_num(0.0).item(), float(n_samples), bad_local],
-                                                     device=device), reduction="sum")
+            mine = torch.tensor([[loss_sum.nan_to_num(0.0).item(), float(n_samples), bad_local, float(data_epoch())]],
+                                device=device)
+            rows = accelerator.gather(mine).reshape(-1, 4) if world > 1 else mine
+            totals, epochs_done = rows[:, :3].sum(0), int(rows[:, 3].min().item())
+            if loader_state is not None and epochs_done > epochs_reported:
+                report_data(epochs_done)
+                epochs_reported = epochs_done
             if totals[2].item() > 0:
                 # skip: no optimizer/LR/EMA step; zeroing the NaN gradients before the grad scaler unscales them
                 optimizer.zero_grad(set_to_none=True)
@@ -476,8 +551,8 @@ def train(config: TrainConfig) -> TrainResult:
                 save(global_step)
             if config.debug_sleep:
                 time.sleep(config.debug_sleep)
-        if config.checkpoint_every and global_step % config.checkpoint_every and global_step > 0:
-            save(global_step)  # the last steps too, so a later run can extend this one
+        if global_step > 0 and global_step not in (last_saved_step, resumed_step):
+            save(global_step)  # the last step always (checkpoint_every=0 too), so a later run can extend this one
     finally:
         bar.close()
         if keys_file is not None:
@@ -495,25 +570,32 @@ def train(config: TrainConfig) -> TrainResult:
         stats_all = gather_object([loader_state.stats().to_dict()])
     else:
         stats_all = gather_object([cache_stats or {}])
+    # under FSDP every rank holds a shard: gather the whole UNet (a collective) before the main process saves it
+    full_unet = _gathered_unet(accelerator, unet) if fsdp and not use_lora else None
     accelerator.wait_for_everyone()
     final_dir = out / "final"
     recent = [v for _, v in loss_history[-10:]]
     final_loss = sum(recent) / len(recent) if recent else None
     data_stats = _merge_stats(stats_all)
     if accelerator.is_main_process:
+        # with EMA the final model is the EMA one (what EMA is for) and the raw weights go to final_raw/
         if use_lora:
-            tmp = out / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            lora_mod.save_lora(tmp, accelerator.unwrap_model(unet),
-                               accelerator.unwrap_model(text_encoder) if config.lora.text_encoder else None)
-            _finish_dir(tmp, final_dir)
+            outputs = [(final_dir, ema is not None)] + ([(out / "final_raw", False)] if ema is not None else [])
+            for folder, use_ema in outputs:
+                tmp = out / f".{folder.name}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                if use_ema:
+                    with_ema_weights(save_lora_weights, tmp)
+                else:
+                    save_lora_weights(tmp)
+                _finish_dir(tmp, folder)
         else:
-            if ema is not None:  # the final model is the EMA one (what EMA is for); raw weights in final_raw/
-                save_pipeline(current_pipeline(), out / "final_raw", defaults=info.defaults, overwrite=True)
+            if ema is not None:
+                save_pipeline(saving_pipeline(), out / "final_raw", defaults=info.defaults, overwrite=True)
                 save_ema_pipeline(final_dir)
             else:
-                save_pipeline(current_pipeline(), final_dir, defaults=info.defaults, overwrite=True)
+                save_pipeline(saving_pipeline(full_unet), final_dir, defaults=info.defaults, overwrite=True)
         save_yaml(config, final_dir / ckpt.CONFIG_FILE)
         metrics = {"loss": final_loss, "global_step": global_step, "samples_seen": samples_seen,
                    "bad_steps": bad_steps, "data": data_stats}
@@ -522,6 +604,7 @@ def train(config: TrainConfig) -> TrainResult:
         if loss_history:
             validation.draw_loss_curve([s for s, _ in loss_history], [v for _, v in loss_history],
                                        out / "loss_curve.png")
+        _log(accelerator, f"data: {_summary(data_stats)}")
         _log(accelerator, f"done: {global_step} steps, {samples_seen} samples, loss {final_loss}; model in {final_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -534,6 +617,23 @@ def _finish_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
+
+
+def _gathered_unet(accelerator, unet):
+    """Collective: the UNet with whole weights, from FSDP's gathered full state dict (main process; None elsewhere)."""
+    state = accelerator.get_state_dict(unet)
+    if not accelerator.is_main_process:
+        return None
+    inner = accelerator.unwrap_model(unet)
+    whole = type(inner).from_config(inner.config)
+    whole.load_state_dict(state)
+    return whole
+
+
+def _summary(stats: dict[str, Any]) -> str:
+    from ldm_pipeline.data.stats import DataStats
+
+    return DataStats.from_dict(stats).summary()
 
 
 def _digest(tensors) -> str:
@@ -573,7 +673,19 @@ def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
 def _model_card(config: TrainConfig, info, metrics: dict[str, Any]) -> str:
     import yaml
 
-    kind = f"LoRA (rank {config.lora.rank})" if is_lora(config) else "full fine-tune"
+    trained = "UNet and text encoder" if trains_text_encoder(config) else "UNet"
+    if is_lora(config):
+        kind = f"LoRA adapters (rank {config.lora.rank}) on the {trained}"
+    elif info.source == "config":
+        kind = f"{trained} trained from scratch (random initialisation)"
+    else:
+        kind = f"full fine-tune of the {trained}"
+    if config.ema.enabled:
+        weights = (f"These are the EMA weights of the UNet{' adapters' if is_lora(config) else ''} (decay up to "
+                   f"{config.ema.decay}); the raw weights are in `final_raw/`"
+                   f"{' (the text encoder is not averaged)' if trains_text_encoder(config) else ''}.")
+    else:
+        weights = "These are the raw trained weights (no EMA)."
     loss = metrics["loss"]
     usage = (f"ldm txt2img --model {info.name} --lora {Path(config.output_dir) / 'final'} --lora-scale 1.0 \"a prompt\""
              if is_lora(config) else f"ldm txt2img --model {Path(config.output_dir) / 'final'} \"a prompt\"")
@@ -585,7 +697,7 @@ tags: [stable-diffusion, text-to-image, ldm_pipeline{', lora' if is_lora(config)
 
 # {Path(config.output_dir).name}
 
-A {kind} of `{info.name}` (hash {info.hash}) trained with `ldm train`.
+Base model `{info.name}` (hash {info.hash}): {kind}, trained with `ldm train`. {weights}
 
 ## Training data
 

@@ -12,6 +12,23 @@ from pathlib import Path
 from ldm_pipeline.training.config import ValidationSettings
 
 
+def live_pipeline(components: dict, device) -> object:
+    """A pipeline around the training modules themselves (sharing their weights, in their training dtypes), each on
+    the training `device`. Sample from it under ``accelerator.autocast()``: under mixed precision the frozen VAE and
+    text encoder are fp16/bf16 while the trained UNet is fp32, and the fp32 copies kept for saving stay on the CPU."""
+    import torch
+
+    from ldm_pipeline.models import pipeline_from_components
+
+    device = torch.device(device)
+    for name in ("unet", "vae", "text_encoder"):
+        module = components[name]
+        param = next(module.parameters(), None)
+        if param is not None and (param.device.type, param.device.index or 0) != (device.type, device.index or 0):
+            module.to(device)
+    return pipeline_from_components(components)
+
+
 def sample_images(pipe, info, settings: ValidationSettings, height: int, width: int, device: str) -> list:
     """One image per prompt through `ldm_pipeline.pipeline.Generator` (the `ldm txt2img` path)."""
     import torch

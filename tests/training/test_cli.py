@@ -45,3 +45,24 @@ def test_console_script_end_to_end(tiny_model, laion_data, tmp_path):
     r = run_cli("txt2img", "a test", "--model", str(out / "checkpoint-2"), "--steps", "2", "--seed", "1",
                 "--height", "32", "--width", "32", "-o", str(tmp_path / "imgs"), "-q")
     assert r.returncode == 0, r.stderr
+
+
+def test_data_summary_is_printed_each_epoch_and_at_the_end(tiny_model, laion_data, tmp_path):
+    r = run_cli("train", "--config", "tiny_test", "--model", str(tiny_model), "--data", str(laion_data),
+                "--output-dir", str(tmp_path / "run"), "--max-steps", "5", "--checkpoint-every", "0")
+    assert r.returncode == 0, r.stderr
+    # 16 samples, 4 per optimizer step: epoch 0 is done after step 4 (seen once the first epoch-1 batch is out)
+    assert "data after epoch 1: seen 16, used 16, skipped 0" in r.stdout, r.stdout
+    assert "data: seen 20, used 20, skipped 0" in r.stdout, r.stdout
+
+
+def test_user_error_in_a_dataloader_worker_is_one_line(tiny_model, tmp_path, capsys):
+    from ldm_pipeline.data.fixtures import write_laion_fixture
+
+    data = tmp_path / "bad"
+    write_laion_fixture(data, n=0, shards=1, odd=("corrupt", "not_image"))  # nothing usable: the worker gives up
+    rc = main(["--config", "tiny_test", "--model", str(tiny_model), "--data", str(data), "--output-dir",
+               str(tmp_path / "out"), "max_steps=1", "data.num_workers=1"])
+    err = _err(capsys)
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("ldm train: error:") and "no usable sample" in err[0], err

@@ -67,3 +67,25 @@ def test_cache_latents_refuses_random_crop(tmp_path):
                                           "cache_latents": True})
     with pytest.raises(UserError, match="center_crop"):
         resolve(cfg)
+
+
+@pytest.mark.parametrize("layer, key", [
+    ({"data": {"num_workers": -1}}, "data.num_workers"),
+    ({"data": {"caption_dropout": 1.5}}, "data.caption_dropout"),
+    ({"data": {"resolution": 30}}, "data.resolution"),
+    ({"lora": {"text_encoder": True}}, "lora.text_encoder"),
+    ({"lora": {"rank": 4, "alpha": 0}}, "lora.alpha"),
+    ({"ema": {"enabled": True, "decay": 1.5}}, "ema.decay"),
+    ({"adam_beta2": 1.0}, "adam_beta2"),
+    ({"max_grad_norm": -1}, "max_grad_norm"),
+    ({"validate_every": 5, "validation": {"num_inference_steps": 0}}, "validation.num_inference_steps"),
+])
+def test_impossible_values_name_their_key(tmp_path, layer, key):
+    base = {"model": "m", "data": {"source": "d"}, "output_dir": str(tmp_path)}
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        resolve(load_train_config("tiny_test", base, layer))
+
+
+def test_prediction_type_sample_is_refused():
+    with pytest.raises(UserError, match="prediction_type"):
+        load_train_config("tiny_test", {"prediction_type": "sample"})

@@ -33,6 +33,7 @@ def test_overfit_outputs_and_checkpoints(tiny_model, laion_data, tmp_path):
     # final model, card, curve, samples, tensorboard
     card = (out / "final" / "README.md").read_text()
     assert "base_model:" in card and "samples seen" in card and str(laion_data) in card
+    assert "full fine-tune of the UNet and text encoder" in card and "EMA weights" in card
     assert (out / "final" / "model_index.json").is_file() and (out / "final_raw" / "model_index.json").is_file()
     assert (out / "loss_curve.png").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000015.png", "step-0000030.png"]
@@ -42,10 +43,14 @@ def test_overfit_outputs_and_checkpoints(tiny_model, laion_data, tmp_path):
 
 
 def test_nan_step_is_skipped_and_counted(tiny_model, laion_data, tmp_path):
-    res = train(make_config(tiny_model, laion_data, tmp_path / "r", max_steps=4, checkpoint_every=0,
+    out = tmp_path / "r"
+    res = train(make_config(tiny_model, laion_data, out, max_steps=4, checkpoint_every=0,
                             debug_nan_at_step=2, debug_nan_count=1))
     assert res.bad_steps == 1 and res.global_step == 4
     assert all(v == v for _, v in res.losses)  # no NaN in the recorded losses
+    # checkpoint_every=0: no intermediate checkpoints, but the last step gets one and the final model is written
+    assert [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-4"]
+    assert (out / "final" / "model_index.json").is_file()
 
 
 def test_consecutive_nans_stop_the_run_cli(tiny_model, laion_data, tmp_path, capsys):
@@ -76,6 +81,9 @@ def test_lora_changes_txt2img_and_loads(tiny_model, laion_data, tmp_path):
                             train_text_encoder=False, lora__rank=4))
     final = out / "final"
     assert (final / "pytorch_lora_weights.safetensors").is_file() and (final / "README.md").is_file()
+    card = (final / "README.md").read_text()
+    assert "LoRA adapters (rank 4) on the UNet," in card and "full fine-tune" not in card
+    assert (out / "final_raw" / "pytorch_lora_weights.safetensors").is_file()  # tiny_test has EMA on: raw weights
     assert (out / "checkpoint-3" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     # checkpoints hold only the adapters, not the frozen base
     from safetensors.torch import load_file
@@ -107,3 +115,78 @@ def test_cached_latents_with_flip_dropout_vpred_snr(tiny_model, laion_data, tmp_
         assert {"latent_mean", "latent_std", "latent_mean_flip", "prompt_embeds", "input_ids"} <= set(f.keys())
     sched = json.loads((out / "final" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction"  # the saved model samples the way it was trained
+
+
+def test_lora_with_ema_saves_the_ema_adapters(tiny_model, laion_data, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora_ema"
+    train(make_config(tiny_model, laion_data, out, max_steps=3, checkpoint_every=3, learning_rate=1e-2,
+                      train_text_encoder=False, lora__rank=4, ema__enabled=True, ema__decay=0.9))
+    weights = {name: load_file(path / "pytorch_lora_weights.safetensors") for name, path in [
+        ("final", out / "final"), ("final_raw", out / "final_raw"), ("ema", out / "checkpoint-3" / "lora_ema"),
+        ("raw", out / "checkpoint-3" / "lora")]}
+    same = lambda a, b: all(bool((weights[a][k] == weights[b][k]).all()) for k in weights[a])  # noqa: E731
+    assert weights["final"].keys() == weights["final_raw"].keys()
+    assert same("final", "ema") and same("final_raw", "raw") and not same("final", "final_raw")
+    assert "EMA weights of the UNet adapters" in (out / "final" / "README.md").read_text()
+
+
+def test_bf16_from_accelerate_launch_validates_with_live_modules(tiny_model, laion_data, tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16 --gradient_accumulation_steps 1` on CPU: validation samples with
+    the live (bf16 VAE, fp32 trained) modules on the accelerator's device; saving uses the fp32 copies."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ldm_pipeline.training import validation
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    seen = []
+    real = validation.sample_images
+
+    def spy(pipe, info, settings, height, width, device):
+        seen.append({name: (getattr(pipe, name).device.type, getattr(pipe, name).dtype)
+                     for name in ("unet", "vae", "text_encoder")})
+        seen[-1]["device"] = device
+        return real(pipe, info, settings, height, width, device)
+
+    monkeypatch.setattr(validation, "sample_images", spy)
+    out = tmp_path / "bf16"
+    res = train(make_config(tiny_model, laion_data, out, mixed_precision="auto", max_steps=2, validate_every=2,
+                            checkpoint_every=0))
+    assert seen == [{"unet": ("cpu", torch.float32), "vae": ("cpu", torch.bfloat16),
+                     "text_encoder": ("cpu", torch.float32), "device": "cpu"}]  # the live, cast VAE
+    assert (out / "samples" / "step-0000002.png").is_file()
+    assert res.samples_seen == 2 * 2 * 1  # accumulation from accelerate's setting, not the config's 2
+    assert "gradient_accumulation_steps: 1" in (out / "train_config.yaml").read_text()
+    saved, base = (load_file(next((d / "vae").glob("*.safetensors"))) for d in (out / "final", tiny_model))
+    assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], base[k]) for k in base)  # fp32, unchanged
+
+
+def test_model_predicting_sample_is_refused(tiny_model, laion_data, tmp_path):
+    import shutil
+
+    from ldm_pipeline.errors import UserError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    sched = model / "scheduler" / "scheduler_config.json"
+    sched.write_text(sched.read_text().replace('"epsilon"', '"sample"'))
+    assert '"sample"' in sched.read_text()
+    with pytest.raises(UserError, match="prediction_type.*'sample'"):
+        train(make_config(model, laion_data, tmp_path / "r", max_steps=1))
+
+
+def test_resume_from_an_older_checkpoint_abandons_later_ones(tiny_model, laion_data, tmp_path):
+    from ldm_pipeline.training import checkpoints as ckpt
+
+    out = tmp_path / "r"
+    train(make_config(tiny_model, laion_data, out, max_steps=4, checkpoint_every=2, checkpoints_total_limit=2))
+    res = train(make_config(tiny_model, laion_data, out, max_steps=3, checkpoint_every=2, checkpoints_total_limit=2,
+                            resume=str(out / "checkpoint-2")))
+    assert res.global_step == 3
+    assert [s for s, _ in ckpt.checkpoint_dirs(out)] == [2, 3]  # the new one kept, the stale future not counted
+    assert ckpt.latest_checkpoint(out).name == "checkpoint-3"
+    abandoned = [p.name for p in out.iterdir() if ".abandoned-" in p.name]
+    assert len(abandoned) == 1 and abandoned[0].startswith("checkpoint-4.abandoned-")

@@ -61,3 +61,27 @@ def test_loss_curve_png(tmp_path):
     p = draw_loss_curve(list(range(1, 31)), [1 / s for s in range(1, 31)], tmp_path / "loss.png")
     with Image.open(p) as im:
         assert im.size == (800, 400)
+
+
+def test_resume_sets_aside_the_abandoned_future(tmp_path):
+    import json
+
+    for step in (100, 200, 300):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / ckpt.STATE_FILE).write_text(json.dumps({"global_step": step}))
+    assert ckpt.checkpoint_step(tmp_path / "checkpoint-100") == 100
+    moved = ckpt.set_aside_future(tmp_path, 100)
+    assert sorted(p.name.split(".")[0] for p in moved) == ["checkpoint-200", "checkpoint-300"]
+    assert all(".abandoned-" in p.name and p.is_dir() for p in moved)  # kept, renamed
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-100"  # latest ignores them
+    assert ckpt.resolve_resume(tmp_path, "latest").name == "checkpoint-100"
+    new = tmp_path / "checkpoint-150"
+    new.mkdir()
+    (new / ckpt.STATE_FILE).write_text(json.dumps({"global_step": 150}))
+    assert ckpt.prune(tmp_path, 1, protect=new) == [tmp_path / "checkpoint-100"]
+    assert new.is_dir() and all(p.is_dir() for p in moved)  # the limit never counts abandoned ones
+    older = tmp_path / "checkpoint-50"
+    older.mkdir()
+    (older / ckpt.STATE_FILE).write_text(json.dumps({"global_step": 50}))
+    assert ckpt.prune(tmp_path, 1, protect=older) == [new]  # never the one just written, even if not the newest
