@@ -209,3 +209,30 @@ def test_validation_uses_the_captioned_grid():
 
     images = [render(ShapeSpec("red", "circle", "blue"))] * 2
     assert grid_image(images, ["a", "b"]).size == make_grid(images, ["a", "b"]).size
+
+
+def test_recolour_skips_unrecognised_shapes():
+    """A generated blob the classifier finds but cannot name ("unknown" shape) is not a recolour source: asking for
+    "a green unknown" would be nonsense (the shipped model's first recipe run stopped there)."""
+    from types import SimpleNamespace
+
+    from ldm_pipeline.evaluation.adherence import EvalSettings, run_eval
+
+    cross = np.zeros((64, 64, 3), np.uint8)
+    cross[:] = (40, 80, 220)
+    cross[30:34, 10:54] = cross[10:54, 30:34] = (220, 40, 40)
+    assert classify(Image.fromarray(cross)).shape == "unknown"
+
+    class FakeGenerator:
+        def generate(self, jobs, batch_size=1):
+            for j in jobs:
+                if j.init_image is None and j.index == 0:
+                    image = Image.fromarray(cross)
+                else:
+                    e = parse_prompt(j.prompt)
+                    image = render(ShapeSpec(e.colour, e.shape, e.background, 32, 32, 20))
+                yield SimpleNamespace(job=j, image=image)
+
+    result = run_eval(FakeGenerator(), EvalSettings(seeds_per_prompt=1, recolour_prompts=3, max_prompts_per_set=4),
+                      progress=False)
+    assert result.recolour["count"] == 3 and result.recolour["all"] == 1.0

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ldm_pipeline.evaluation.shapes import Report, classify, evaluate, score_recolour
-from ldm_pipeline.shapes import COLOURS, canonical_prompt, eval_prompts
+from ldm_pipeline.shapes import COLOURS, SHAPES, canonical_prompt, eval_prompts
 
 
 @dataclass
@@ -79,7 +79,7 @@ def run_eval(generator, settings: EvalSettings, progress: bool = True, tmp_dir: 
     sources = []
     for i, (image, _prompt) in enumerate(pairs[: len(sets["held_in"]) * settings.seeds_per_prompt]):
         pred = classify(image)
-        if pred.found and pred.shape and pred.background:
+        if pred.found and pred.shape in SHAPES and pred.background in COLOURS:  # not an unrecognised blob
             sources.append((i, image, pred))
         if len(sources) >= settings.recolour_prompts:
             break
