@@ -14,8 +14,9 @@ What is stored (safetensors shards, one folder per rank, ``CACHE_DIR/rankRofW/``
 
 The precompute pass runs on every rank over that rank's share of the data (`build_dataset(rank, world_size)`, the
 same split as training), with no collective operation inside it, so a slow rank cannot trip a NCCL timeout midway;
-the loop waits at one barrier after it. A cache is reused when its fingerprint (data, model, what is cached, rank
-layout) matches; ``manifest.json`` is written last and marks a complete rank cache.
+the loop waits at one barrier after it. A cache is reused when its fingerprint (data, the encoders' weights — the VAE,
+the tokenizer, and the text encoder when embeddings are cached —, what is cached, rank layout) matches, so a run
+continuing from a fine-tuned UNet reuses its parent's cache; ``manifest.json`` is written last and marks a complete rank cache.
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ MANIFEST = "manifest.json"
 def _cache_data_config(data: DataConfig) -> DataConfig:
     """The data settings of the precompute pass: deterministic transforms, every caption kept."""
     return dataclasses.replace(data, random_flip=False, caption_dropout=0.0, center_crop=True, shuffle=False)
+
+
+def encoders_hash(vae, text_encoder, tokenizer, cache_embeddings: bool) -> str:
+    """Content hash of what the cache depends on: the VAE's weights, the tokenizer's vocabulary and, when prompt
+    embeddings are cached, the text encoder's weights (the UNet's weights do not change a cached encoding)."""
+    h = hashlib.sha256()
+    modules = [("vae", vae)] + ([("text_encoder", text_encoder)] if cache_embeddings else [])
+    for name, module in modules:
+        for key, t in sorted(module.state_dict().items()):
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(getattr(tokenizer, "model_max_length", "")).encode())
+    return h.hexdigest()
 
 
 def fingerprint(data: DataConfig, model_hash: str, cache_embeddings: bool, rank: int, world_size: int) -> str:

@@ -291,7 +291,9 @@ def train(config: TrainConfig) -> TrainResult:
         cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
         te_for_cache = accelerator.unwrap_model(text_encoder)
         manifest = caching.build_cache(cache_dir, config.data, config.cache_batch_size, vae, te_for_cache, tokenizer,
-                                       device, weight_dtype, info.hash, cache_embeddings, rank, world,
+                                       device, weight_dtype,
+                                       caching.encoders_hash(vae, te_for_cache, tokenizer, cache_embeddings),
+                                       cache_embeddings, rank, world,
                                        progress=accelerator.is_main_process and config.progress_bar)
         accelerator.wait_for_everyone()  # the only sync point of the caching pass
         dataset = caching.CachedLatentDataset(cache_dir, rank, world, config.batch_size, config.data)

@@ -117,6 +117,31 @@ def test_cached_latents_with_flip_dropout_vpred_snr(tiny_model, laion_data, tmp_
     assert sched["prediction_type"] == "v_prediction"  # the saved model samples the way it was trained
 
 
+def test_cache_is_reused_by_a_run_continuing_from_a_trained_unet(tiny_model, laion_data, tmp_path):
+    """The cache depends on the VAE and tokenizer (and a frozen text encoder), not on the UNet: a second run from
+    the first run's output, with the same cache_dir, must not re-encode; a different VAE must."""
+    import torch
+
+    from ldm_pipeline.training import caching
+
+    cache = tmp_path / "cache"
+    kw = dict(max_steps=2, checkpoint_every=0, cache_latents=True, train_text_encoder=False, cache_dir=str(cache))
+    train(make_config(tiny_model, laion_data, tmp_path / "a", **kw))
+    manifest = cache / "rank0of1" / "manifest.json"
+    first = manifest.stat().st_mtime_ns
+    train(make_config(tmp_path / "a" / "final", laion_data, tmp_path / "b", **kw))  # new UNet, same encoders
+    assert manifest.stat().st_mtime_ns == first
+
+    from ldm_pipeline.models import load_pipeline
+
+    pipe, _ = load_pipeline(str(tiny_model))
+    base = caching.encoders_hash(pipe.vae, pipe.text_encoder, pipe.tokenizer, cache_embeddings=False)
+    assert base == caching.encoders_hash(pipe.vae, None, pipe.tokenizer, cache_embeddings=False)  # TE not cached
+    with torch.no_grad():
+        next(pipe.vae.parameters()).add_(1e-3)
+    assert caching.encoders_hash(pipe.vae, pipe.text_encoder, pipe.tokenizer, cache_embeddings=False) != base
+
+
 def test_lora_with_ema_saves_the_ema_adapters(tiny_model, laion_data, tmp_path):
     from safetensors.torch import load_file
 
