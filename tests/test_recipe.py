@@ -23,5 +23,12 @@ def test_recipe_tiny_budget_end_to_end(tmp_path):
     assert ldm_main(["txt2img", "a red circle on a blue background", "--model", str(model), "--seed", "0",
                      "--outdir", str(tmp_path / "img"), "-q"]) == 0
     assert len(list((tmp_path / "img").glob("*.png"))) == 1
-    # running again continues: every stage is already done
+    # running again continues: every stage is already done, the evaluation included
+    scores = out / "eval" / "scores.json"
+    evaluated = scores.stat().st_mtime_ns
     assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress"]) == 0
+    assert scores.stat().st_mtime_ns == evaluated
+    # a different evaluation setting evaluates again
+    assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress",
+                     "eval_recolour=1"]) == 0
+    assert scores.stat().st_mtime_ns != evaluated

@@ -147,7 +147,7 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
 
     # 6. evaluation
     t = time.perf_counter()
-    scores = _evaluate(r, final, out / "eval")
+    scores = _evaluate(r, final, out / "eval")  # reuses the last scores when model and eval settings are the same
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
 
@@ -180,13 +180,20 @@ def _assemble(r: ShapesRecipe, vae_dir: Path, tok_dir: Path, init: Path) -> None
 def _evaluate(r: ShapesRecipe, model: Path, out: Path) -> dict[str, Any]:
     from ldm_pipeline.evaluation.adherence import EvalSettings, run_eval
     from ldm_pipeline.evaluation.grid import make_grid
+    from ldm_pipeline.models import folder_hash
     from ldm_pipeline.pipeline import Generator, RuntimeOptions
 
     out.mkdir(parents=True, exist_ok=True)
+    key = {"model": folder_hash(model), "seed": r.seed, "seeds_per_prompt": r.eval_seeds_per_prompt,
+           "max_prompts": r.eval_max_prompts, "recolour": r.eval_recolour, "compare_ddim": r.compare_ddim}
+    if (out / "scores.json").is_file():
+        previous = json.loads((out / "scores.json").read_text())
+        if previous.get("key") == key:
+            return previous
     gen = Generator.load(str(model), RuntimeOptions(device="cpu"))
     base = EvalSettings(seeds_per_prompt=r.eval_seeds_per_prompt, seed=r.seed, recolour_prompts=r.eval_recolour,
                         max_prompts_per_set=r.eval_max_prompts)
-    scores: dict[str, Any] = {"defaults": dataclasses.asdict(gen.defaults)}
+    scores: dict[str, Any] = {"key": key, "defaults": dataclasses.asdict(gen.defaults)}
     result = run_eval(gen, base, progress=r.progress)
     scores["default"] = result.to_dict()
     (out / "report.md").write_text(result.to_markdown() + "\n")
