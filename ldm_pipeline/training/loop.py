@@ -228,10 +228,13 @@ def train(config: TrainConfig) -> TrainResult:
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_steps, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)
+    # EMA averages everything that is trained: the UNet and, when trained with it, the text encoder, so the averaged
+    # UNet is saved beside the text encoder it was averaged with
+    ema_params = unet_params + te_params
     ema = None
     if config.ema.enabled:
         e = config.ema
-        ema = EMAModel(unet_params, decay=e.decay, min_decay=e.min_decay, update_after_step=e.update_after_step,
+        ema = EMAModel(ema_params, decay=e.decay, min_decay=e.min_decay, update_after_step=e.update_after_step,
                        use_ema_warmup=e.use_warmup, inv_gamma=e.inv_gamma, power=e.power)
         ema.to(device)
 
@@ -375,13 +378,13 @@ def train(config: TrainConfig) -> TrainResult:
         return pipeline_from_components(parts)
 
     def with_ema_weights(fn, *args) -> None:
-        """Run fn(*args) with the EMA weights swapped into the trained UNet parameters."""
-        ema.store(unet_params)
-        ema.copy_to(unet_params)
+        """Run fn(*args) with the EMA weights swapped into the trained parameters."""
+        ema.store(ema_params)
+        ema.copy_to(ema_params)
         try:
             fn(*args)
         finally:
-            ema.restore(unet_params)
+            ema.restore(ema_params)
 
     def save_ema_pipeline(path: Path) -> None:
         with_ema_weights(lambda: save_pipeline(saving_pipeline(), path, defaults=info.defaults, overwrite=True))
@@ -422,8 +425,8 @@ def train(config: TrainConfig) -> TrainResult:
         for m in modules:
             m.eval()
         if ema is not None:
-            ema.store(unet_params)
-            ema.copy_to(unet_params)
+            ema.store(ema_params)
+            ema.copy_to(ema_params)
         try:
             # the live modules in their training dtypes, on the training device, under autocast (the fp32 copies
             # kept for saving stay on the CPU)
@@ -435,7 +438,7 @@ def train(config: TrainConfig) -> TrainResult:
                 images = validation.sample_images(live, info, config.validation, height, width, str(device))
         finally:
             if ema is not None:
-                ema.restore(unet_params)
+                ema.restore(ema_params)
             for m in modules:
                 m.train()
         path = validation.save_samples(images, config.validation.prompts, out / "samples", step)
@@ -533,7 +536,7 @@ def train(config: TrainConfig) -> TrainResult:
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.step(unet_params)
+                ema.step(ema_params)
             global_step += 1
             samples_seen += int(totals[1].item())
             train_seconds += time.perf_counter() - step_t0
@@ -683,9 +686,8 @@ def _model_card(config: TrainConfig, info, metrics: dict[str, Any]) -> str:
     else:
         kind = f"full fine-tune of the {trained}"
     if config.ema.enabled:
-        weights = (f"These are the EMA weights of the UNet{' adapters' if is_lora(config) else ''} (decay up to "
-                   f"{config.ema.decay}); the raw weights are in `final_raw/`"
-                   f"{' (the text encoder is not averaged)' if trains_text_encoder(config) else ''}.")
+        weights = (f"These are the EMA weights of the {trained}{' adapters' if is_lora(config) else ''} (decay up to "
+                   f"{config.ema.decay}); the raw weights are in `final_raw/`.")
     else:
         weights = "These are the raw trained weights (no EMA)."
     loss = metrics["loss"]

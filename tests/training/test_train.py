@@ -142,6 +142,21 @@ def test_cache_is_reused_by_a_run_continuing_from_a_trained_unet(tiny_model, lai
     assert caching.encoders_hash(pipe.vae, pipe.text_encoder, pipe.tokenizer, cache_embeddings=False) != base
 
 
+def test_ema_averages_the_text_encoder_trained_with_the_unet(tiny_model, laion_data, tmp_path):
+    """With the text encoder trained, final/ pairs the EMA UNet with the EMA text encoder (not the raw one)."""
+    from tests.training.conftest import load_weights
+
+    out = tmp_path / "ema_te"
+    train(make_config(tiny_model, laion_data, out, max_steps=3, checkpoint_every=0, learning_rate=1e-2,
+                      train_text_encoder=True, ema__enabled=True, ema__decay=0.5, ema__update_after_step=0))
+    ema, raw, init = load_weights(out / "final"), load_weights(out / "final_raw"), load_weights(tiny_model)
+    for comp in ("unet/", "text_encoder/"):
+        changed = [k for k in raw if k.startswith(comp) and not bool((raw[k] == init[k]).all())]
+        assert changed, comp  # trained
+        assert any(not bool((ema[k] == raw[k]).all()) for k in changed), comp  # and averaged
+    assert "EMA weights of the UNet and text encoder" in (out / "final" / "README.md").read_text()
+
+
 def test_lora_with_ema_saves_the_ema_adapters(tiny_model, laion_data, tmp_path):
     from safetensors.torch import load_file
 
