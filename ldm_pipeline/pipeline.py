@@ -370,11 +370,12 @@ class Generator:
             pipe = self.pipe
             pipe.scheduler = self._scheduler(first.scheduler)
             images = pipe(height=first.height, width=first.width, **common).images
+        members = [_member(m) for m in batch] if len(batch) > 1 else None  # once per batch: it hashes init images
         results = []
         for pos, (j, im) in enumerate(zip(batch, images)):
             rec = self.record(j, im)
-            if len(batch) > 1:
-                rec["batch"] = {"size": len(batch), "position": pos, "members": [_member(m) for m in batch]}
+            if members:
+                rec["batch"] = {"size": len(batch), "position": pos, "members": members}
             results.append(Result(j, im, rec))
         return results
 

@@ -61,18 +61,16 @@ def check_args(args: argparse.Namespace, img2img: bool) -> None:
             raise UserError(problem)
 
 
-def jobs_from_args(args: argparse.Namespace, img2img: bool, base_seed: int | None = None) -> list:
+def jobs_from_args(args: argparse.Namespace, img2img: bool, base_seed: int) -> list:
     """Expand prompts × images (× init images) into Jobs; image i of the run gets base_seed + i (a row's own seed
-    s gives its images s, s+1, …). `base_seed` defaults to --seed, else a random one."""
-    from ldm_pipeline.pipeline import RANDOM, Job, check_image_readable, expand_image_paths, random_seed, wrap_seed
+    s gives its images s, s+1, …)."""
+    from ldm_pipeline.pipeline import RANDOM, Job, check_image_readable, expand_image_paths, wrap_seed
     from ldm_pipeline.prompts import read_prompt_file
 
     rows = read_prompt_file(args.from_file) if args.from_file else [{"prompt": p} for p in args.prompt]
     for r in rows:
         if not r["prompt"].strip():
             raise UserError("empty prompt: give some text (use --negative-prompt for what to avoid)")
-    if base_seed is None:
-        base_seed = args.seed if args.seed not in (None, RANDOM) else random_seed()
     run = dict(
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
