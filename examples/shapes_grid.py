@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ldm_pipeline import Generator, Job, RuntimeOptions
-from ldm_pipeline.evaluation.grid import make_grid
+from ldm_pipeline.grid import make_grid
 
 PROMPTS = [
     "a red circle on a blue background",

@@ -712,23 +712,6 @@ def check_outdir(outdir: Path) -> None:
         raise UserError(f"output folder {outdir} is not writable: choose another --outdir")
 
 
-def make_grid(images: list, cols: int | None = None):
-    """A plain grid (rows × cols, near square) with cells of the largest image's size; a smaller image sits
-    centred in its cell on black, never stretched."""
-    from PIL import Image
-
-    n = len(images)
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    w = max(im.width for im in images)
-    h = max(im.height for im in images)
-    grid = Image.new("RGB", (cols * w, rows * h), (0, 0, 0))
-    for i, im in enumerate(images):
-        x, y = (i % cols) * w + (w - im.width) // 2, (i // cols) * h + (h - im.height) // 2
-        grid.paste(im.convert("RGB"), (x, y))
-    return grid
-
-
 def log(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(msg, file=sys.stderr)

@@ -197,7 +197,8 @@ def test_grid_layout_and_captions():
     assert not (arr[128 + cap_h + 128 :, 256:] < 250).any()  # no image and no caption in the sixth cell
     longer = make_grid(images[:1], ["a red circle on a blue background, on the left, " * 3])
     assert longer.height - 128 > cap_h  # long captions wrap onto more lines
-    assert make_grid(images, cols=2).size == (256, 3 * 128)  # no captions: a plain grid
+    assert make_grid(images, cols=2).size == (128, 3 * 64)  # no captions: a plain grid, not enlarged
+    assert make_grid(images, cols=2, min_cell_width=128).size == (256, 3 * 128)
     assert make_grid(images, captions, cell_caption_height=20).size == (3 * 128, 2 * 148)
     assert make_grid([Image.new("RGB", (256, 256))], ["x"]).width == 256  # large images are not enlarged
     with pytest.raises(ValueError, match="captions"):

@@ -341,7 +341,7 @@ def test_save_failure_is_a_user_error_naming_the_path(tmp_path, monkeypatch):
 
 
 def test_grid_of_mixed_sizes_is_not_stretched():
-    from ldm_pipeline.pipeline import make_grid
+    from ldm_pipeline.grid import make_grid
 
     big, small = Image.new("RGB", (64, 32), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
     grid = make_grid([big, small])

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds_per_prompt < 1:
         raise UserError("--seeds-per-prompt must be at least 1")
     from ldm_pipeline.evaluation.adherence import EvalSettings, run_eval
-    from ldm_pipeline.evaluation.grid import make_grid
+    from ldm_pipeline.grid import make_grid
     from ldm_pipeline.pipeline import Generator, RuntimeOptions, check_outdir
 
     out = Path(args.output_dir)

@@ -221,7 +221,8 @@ def generate_and_save(gen, jobs: list, args: argparse.Namespace, outdir: Path, s
     with --grid, also the grid of the whole run (every rank takes part in gathering it)."""
     from tqdm import tqdm
 
-    from ldm_pipeline.pipeline import make_grid, save_png
+    from ldm_pipeline.grid import make_grid
+    from ldm_pipeline.pipeline import save_png
 
     jobs = [gen.resolve(j) for j in jobs]  # settings errors (size, steps × strength …) before any progress bar
     show = not args.quiet and (state is None or state.is_local_main_process)

@@ -6,7 +6,6 @@
     make_grid(images, prompts).save("grid.png")  # prompts written under the images
 """
 
-from ldm_pipeline.evaluation.grid import make_grid
 from ldm_pipeline.evaluation.shapes import (
     Expected,
     Prediction,
@@ -17,6 +16,7 @@ from ldm_pipeline.evaluation.shapes import (
     score,
     score_recolour,
 )
+from ldm_pipeline.grid import make_grid
 
 __all__ = ["Expected", "Prediction", "Report", "classify", "evaluate", "make_grid", "parse_prompt", "score",
            "score_recolour"]

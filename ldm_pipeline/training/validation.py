@@ -45,19 +45,10 @@ def sample_images(pipe, info, settings: ValidationSettings, height: int, width: 
 
 
 def grid_image(images: list, prompts: list[str]):
-    """A grid with prompts written under the images when `ldm_pipeline.evaluation.grid` exists, else a plain one."""
-    try:
-        from ldm_pipeline.evaluation.grid import make_grid as captioned
-    except ImportError:
-        captioned = None
-    if captioned is not None:
-        try:
-            return captioned(images, prompts)
-        except TypeError:  # a different signature: fall back to the plain grid
-            pass
-    from ldm_pipeline.pipeline import make_grid
+    """The validation grid: the prompt written under each image."""
+    from ldm_pipeline.grid import make_grid
 
-    return make_grid(images)
+    return make_grid(images, prompts)
 
 
 def save_samples(images: list, prompts: list[str], out_dir: Path, step: int) -> Path:

@@ -1,7 +1,9 @@
-"""Sample grids with the prompt written under each image, for validation during training and for evaluation.
+"""Image grids: `ldm txt2img --grid`, validation samples during training, and evaluation grids with the prompt
+written under each image.
 
-Small images (the shapes model makes 64×64) are enlarged by a whole factor with NEAREST, so pixels stay sharp
-and a cell is wide enough for a readable caption.
+Images are never stretched: a cell has the largest image's size and a smaller image sits centred in it. For
+captioned grids small images (the shapes model makes 64×64) are enlarged by a whole factor with NEAREST, so
+pixels stay sharp and a cell is wide enough for a readable caption.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 CAPTION_PAD = 4  # px around caption text
-BACKGROUND = (255, 255, 255)
+CAPTIONED_CELL_WIDTH = 128  # px: enough for a short prompt in PIL's default font
 TEXT = (0, 0, 0)
 
 
@@ -39,12 +41,13 @@ def _wrap(text: str, font, width: int) -> list[str]:
 
 
 def make_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = None, cols: int | None = None,
-              cell_caption_height: int | None = None, min_cell_width: int = 128) -> Image.Image:
-    """A rows × cols grid (near square by default) with `captions[i]` wrapped under image i.
+              cell_caption_height: int | None = None, min_cell_width: int | None = None) -> Image.Image:
+    """A rows × cols grid (near square by default), with `captions[i]` wrapped under image i when given.
 
-    Images are resized to the first one's size, then enlarged by a whole factor (NEAREST) until a cell is at
-    least `min_cell_width` px wide. `cell_caption_height` fixes the caption strip (lines that do not fit are cut
-    with "…"); by default it fits the longest caption. Without captions it is a plain grid.
+    Cells have the largest image's size, enlarged by a whole factor (NEAREST) until a cell is at least
+    `min_cell_width` px wide (default: 128 with captions, no enlarging without); smaller images sit centred in
+    their cell. `cell_caption_height` fixes the caption strip (lines that do not fit are cut with "…"); by
+    default it fits the longest caption. Background: white behind captions, black in a plain grid.
     """
     if not images:
         raise ValueError("make_grid needs at least one image")
@@ -53,7 +56,9 @@ def make_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = No
     n = len(images)
     cols = max(1, min(cols or math.ceil(math.sqrt(n)), n))
     rows = math.ceil(n / cols)
-    w, h = images[0].size
+    w, h = max(im.width for im in images), max(im.height for im in images)
+    if min_cell_width is None:
+        min_cell_width = CAPTIONED_CELL_WIDTH if captions is not None else 1
     scale = max(1, math.ceil(min_cell_width / w))
     cw, ch = w * scale, h * scale
     font = ImageFont.load_default()
@@ -65,17 +70,16 @@ def make_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = No
         cap_h = cell_caption_height
     else:
         cap_h = max(len(lines) for lines in wrapped) * line_h + 2 * CAPTION_PAD
-    grid = Image.new("RGB", (cols * cw, rows * (ch + cap_h)), BACKGROUND)
+    background = (255, 255, 255) if captions is not None else (0, 0, 0)
+    grid = Image.new("RGB", (cols * cw, rows * (ch + cap_h)), background)
     draw = ImageDraw.Draw(grid)
     fit = max(0, (cap_h - 2 * CAPTION_PAD) // line_h)
     for i, im in enumerate(images):
         im = im.convert("RGB")
-        if im.size != (w, h):
-            im = im.resize((w, h), Image.Resampling.BICUBIC)
         if scale > 1:
-            im = im.resize((cw, ch), Image.Resampling.NEAREST)
+            im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
         x, y = (i % cols) * cw, (i // cols) * (ch + cap_h)
-        grid.paste(im, (x, y))
+        grid.paste(im, (x + (cw - im.width) // 2, y + (ch - im.height) // 2))
         if captions is None:
             continue
         lines = wrapped[i]
