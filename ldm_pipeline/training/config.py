@@ -72,6 +72,9 @@ class TrainConfig:
     batch_size: int = 1  # micro-batch per process
     gradient_accumulation_steps: int = 4  # micro-batches per optimizer step
     learning_rate: float | None = None  # None = 1e-5 full fine-tuning, 1e-4 LoRA
+    # the text encoder's own rate (kohya's --text_encoder_lr); None = learning_rate. Trained jointly from scratch,
+    # a text encoder at the UNet's rate learns to ignore the words the young UNet cannot use yet (shapes model)
+    text_encoder_learning_rate: float | None = None
     scale_lr: bool = False  # multiply the learning rate by batch_size * accumulation * processes
     lr_scheduler: str = "constant_with_warmup"  # one of LR_SCHEDULERS (diffusers.optimization.get_scheduler)
     lr_warmup_steps: int = 500  # optimizer steps of linear warm-up
@@ -167,6 +170,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise UserError(f"lr_scheduler '{c.lr_scheduler}' is not one of {', '.join(LR_SCHEDULERS)}")
     if c.learning_rate <= 0:
         raise UserError(f"learning_rate must be positive (got {c.learning_rate})")
+    if c.text_encoder_learning_rate is not None and c.text_encoder_learning_rate <= 0:
+        raise UserError(f"text_encoder_learning_rate must be positive (got {c.text_encoder_learning_rate})")
     if c.snr_gamma is not None and c.snr_gamma <= 0:
         raise UserError(f"snr_gamma must be positive (got {c.snr_gamma})")
     if c.checkpoints_total_limit is not None and c.checkpoints_total_limit < 1:

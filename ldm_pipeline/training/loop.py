@@ -133,6 +133,7 @@ def _weight_dtype(accelerator):
 
 
 def _make_optimizer(config: TrainConfig, params: list, lr: float):
+    """AdamW (or bitsandbytes' 8-bit AdamW) over `params`: tensors or param groups with their own "lr"."""
     import torch
 
     kwargs = dict(lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
@@ -219,9 +220,12 @@ def train(config: TrainConfig) -> TrainResult:
     unet_params = [p for p in unet.parameters() if p.requires_grad]
     te_params = [p for p in text_encoder.parameters() if p.requires_grad] if train_te else []
     lr = config.learning_rate
+    te_lr = config.text_encoder_learning_rate or lr
     if config.scale_lr:
-        lr *= config.batch_size * accelerator.gradient_accumulation_steps * world
-    optimizer = _make_optimizer(config, unet_params + te_params, lr)
+        scale = config.batch_size * accelerator.gradient_accumulation_steps * world
+        lr, te_lr = lr * scale, te_lr * scale
+    groups = [{"params": unet_params, "lr": lr}] + ([{"params": te_params, "lr": te_lr}] if te_params else [])
+    optimizer = _make_optimizer(config, groups, lr)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process per call unless the step counts
     # are scaled by the number of processes (https://github.com/huggingface/diffusers/issues/6137). We step it
     # ourselves once per optimizer step and checkpoint it as a registered object.

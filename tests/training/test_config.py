@@ -78,6 +78,7 @@ def test_cache_latents_refuses_random_crop(tmp_path):
     ({"ema": {"enabled": True, "decay": 1.5}}, "ema.decay"),
     ({"adam_beta2": 1.0}, "adam_beta2"),
     ({"max_grad_norm": -1}, "max_grad_norm"),
+    ({"text_encoder_learning_rate": 0}, "text_encoder_learning_rate"),
     ({"validate_every": 5, "validation": {"num_inference_steps": 0}}, "validation.num_inference_steps"),
 ])
 def test_impossible_values_name_their_key(tmp_path, layer, key):

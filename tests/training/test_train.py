@@ -157,6 +157,24 @@ def test_ema_averages_the_text_encoder_trained_with_the_unet(tiny_model, laion_d
     assert "EMA weights of the UNet and text encoder" in (out / "final" / "README.md").read_text()
 
 
+def test_text_encoder_has_its_own_learning_rate(tiny_model, laion_data, tmp_path):
+    """text_encoder_learning_rate moves the text encoder at its own rate: with AdamW (steps of about the rate
+    whatever the gradient) the largest change per weight is about max_steps × rate, for each model separately."""
+    from tests.training.conftest import load_weights
+
+    out = tmp_path / "te_lr"
+    train(make_config(tiny_model, laion_data, out, max_steps=2, checkpoint_every=0, learning_rate=1e-2,
+                      text_encoder_learning_rate=1e-5, lr_warmup_steps=0, lr_scheduler="constant",
+                      adam_weight_decay=0.0, train_text_encoder=True, ema__enabled=False))
+    final, init = load_weights(out / "final"), load_weights(tiny_model)
+
+    def moved(comp: str) -> float:
+        return max(float((final[k] - init[k]).abs().max()) for k in final if k.startswith(comp))
+
+    assert 5e-3 < moved("unet/") <= 2.1e-2
+    assert 0 < moved("text_encoder/") <= 2.1e-5
+
+
 def test_lora_with_ema_saves_the_ema_adapters(tiny_model, laion_data, tmp_path):
     from safetensors.torch import load_file
 
