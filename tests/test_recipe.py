@@ -5,7 +5,7 @@ import json
 from ldm_pipeline.cli import main as ldm_main
 
 
-def test_recipe_tiny_budget_end_to_end(tmp_path):
+def test_recipe_tiny_budget_end_to_end(tmp_path, capsys):
     out = tmp_path / "recipe"
     assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress"]) == 0
     metrics = json.loads((out / "recipe.json").read_text())
@@ -32,3 +32,15 @@ def test_recipe_tiny_budget_end_to_end(tmp_path):
     assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress",
                      "eval_recolour=1"]) == 0
     assert scores.stat().st_mtime_ns != evaluated
+    # stage times add up over the invocations that did work (here: the first, and the re-evaluation)
+    times = json.loads((out / "times.json").read_text())
+    assert set(metrics["seconds"]) == {"data", "vae", "tokenizer", "unet", "eval", "total"}
+    assert all(v > 0 for v in metrics["seconds"].values())
+    assert times["unet"] == metrics["seconds"]["unet"] and times["eval"] > metrics["seconds"]["eval"]
+    # a stage trained with other settings is never silently reused: one line naming the difference, exit 2
+    capsys.readouterr()
+    assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress",
+                     "train_overrides.learning_rate=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate: 0.001 -> 0.5" in err and "remove it" in err, err
+    assert json.loads((out / "times.json").read_text())["unet"] == times["unet"]

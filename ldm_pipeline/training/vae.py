@@ -367,11 +367,16 @@ def _prepare_output(c: VAETrainConfig) -> tuple[Path, Path | None]:
 # --- the loop -------------------------------------------------------------------------------------------------
 
 
+def effective_config(config: VAETrainConfig) -> VAETrainConfig:
+    """The config as the run uses and records it: an autoencoder needs no captions, so none are required."""
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, allow_empty_captions=True))
+
+
 def train_vae(config: VAETrainConfig) -> VAETrainResult:
     """Train (or fine-tune) an AutoencoderKL; see the module docstring for the loop and outputs."""
     import torch
 
-    c = dataclasses.replace(config, data=dataclasses.replace(config.data, allow_empty_captions=True))
+    c = effective_config(config)
     check_config(c)
     device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if c.device == "auto" else c.device))
