@@ -234,6 +234,26 @@ def test_recolour_skips_unrecognised_shapes():
                     image = render(ShapeSpec(e.colour, e.shape, e.background, 32, 32, 20))
                 yield SimpleNamespace(job=j, image=image)
 
-    result = run_eval(FakeGenerator(), EvalSettings(seeds_per_prompt=1, recolour_prompts=3, max_prompts_per_set=4),
+    result = run_eval(FakeGenerator(), EvalSettings(seeds_per_prompt=1, recolour_prompts=3, max_prompts_per_set=4,
+                                                   caption_separation=False),
                       progress=False)
     assert result.recolour["count"] == 3 and result.recolour["all"] == 1.0
+
+
+def test_caption_separation_shows_words_the_text_encoder_ignores(generator, monkeypatch):
+    """Per attribute, how far apart the text encoder puts captions differing only in it: > 0 for a (random) text
+    encoder that reads the words; exactly 0 for the attributes whose words it maps to the same vectors."""
+    from ldm_pipeline.evaluation.adherence import caption_separation
+    from ldm_pipeline.pipeline import Job
+
+    sep = caption_separation(generator)
+    assert set(sep) == {"colour", "shape", "background", "position"}
+    assert all(v > 0.01 for v in sep.values()), sep
+    real = generator.encode
+
+    def deaf_to_position(job):  # a text encoder that collapsed the position words
+        return real(Job(job.prompt.split(", ")[0]))
+
+    monkeypatch.setattr(generator, "encode", deaf_to_position)
+    sep = caption_separation(generator)
+    assert sep["position"] == 0.0 and sep["colour"] > 0.01, sep

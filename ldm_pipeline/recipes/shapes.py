@@ -296,8 +296,9 @@ def model_card(r: ShapesRecipe, metrics: dict[str, Any]) -> str:
         "",
         "A small latent diffusion model trained from scratch by `ldm recipe shapes`, the way the LDM paper trains:",
         "stage 1 an autoencoder (diffusers AutoencoderKL, factor 4: 64x64 RGB <-> 16x16x4 latents), stage 2 a",
-        "CLIP-style text encoder and a UNet (cross-attention at 8x8 and 4x4, v-prediction, zero terminal SNR)",
-        "trained jointly on the synthetic shapes dataset: one circle, square or triangle of one of 8 colours on a",
+        "CLIP-style text encoder and a UNet (cross-attention at 8x8 and 4x4, plus the attention-pooled caption",
+        "added to the time embedding of every ResNet block; v-prediction, zero terminal SNR) trained jointly",
+        "on the synthetic shapes dataset: one circle, square or triangle of one of 8 colours on a",
         "plain background of another colour, with LAION-style captions, read from img2dataset-layout shards.",
         "Green triangles, purple circles, orange squares and white circles were never drawn in training.",
         "",
@@ -338,10 +339,16 @@ def model_card(r: ShapesRecipe, metrics: dict[str, Any]) -> str:
         "",
         "Per attribute: " + ", ".join(f"{k} {pct(v)}" for k, v in attr.items()) + ".",
         "",
+        "Text encoder, relative distance between captions that differ in one attribute (`ldm eval`'s caption",
+        "separation; near 0 means the model cannot tell those words apart): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in s["default"].get("caption_separation", {}).items()) + ".",
+        "",
         "## Limits",
         "",
         "It knows only this domain: 64x64 images, the 8 colours, 3 shapes and 5 positions of the captions it was",
         "trained on. Words outside the recipe's tokenizer vocabulary are split into bytes it has rarely seen.",
+        "`ldm export --single-file` refuses it: the CompVis single-file layout has no place for the UNet's",
+        "pooled-caption embedding (`add_embedding`); share the diffusers folder instead.",
         "",
     ]
     return "\n".join(lines)
