@@ -1,6 +1,6 @@
 """ldm recipe: run a whole multi-stage training recipe as one reproducible command.
 
-  ldm recipe shapes --output-dir runs/shapes --seed 0                 # the shipped model (about an hour on a CPU)
+  ldm recipe shapes --output-dir runs/shapes --seed 0                 # the shipped model (about 80 min on 2 CPU cores)
   ldm recipe shapes --output-dir runs/shapes-smoke --budget tiny      # every stage for a few steps (CI)
   ldm recipe shapes --output-dir runs/shapes train_overrides.max_steps=5000 --package
 
