@@ -154,6 +154,17 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level with dotted keys ({"data": {"seed": 0}} -> {"data.seed": 0})."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass as plain YAML/JSON-ready data (tuples become lists)."""
 

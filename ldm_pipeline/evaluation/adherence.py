@@ -31,7 +31,6 @@ class EvalResult:
     report: Report
     recolour: dict[str, Any] = field(default_factory=dict)
     images: list = field(default_factory=list)  # (image, prompt) of the txt2img part, for grids
-
     separation: dict[str, float] = field(default_factory=dict)  # see caption_separation
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,10 +59,12 @@ def caption_separation(generator) -> dict[str, float]:
     background, position): mean ||e(a) - e(b)|| / ||e(a)|| over the prompt embeddings the UNet sees.
 
     Why: a text encoder trained jointly from scratch can learn to map words the UNet does not use yet to almost
-    the same vectors (measured in the shapes recipe: "on the left" vs "on the right" from 0.12 at initialisation
-    to 0.04), after which no amount of UNet training can follow them. This shows it without sampling an image.
+    the same vectors (measured here in the shapes recipe, text encoder at 1e-4: position from 0.17 at
+    initialisation to 0.10 after 1500 steps), after which no amount of UNet training can follow them. This shows it without sampling an image.
     """
     import itertools
+
+    import torch
 
     from ldm_pipeline.pipeline import Job
 
@@ -86,8 +87,6 @@ def caption_separation(generator) -> dict[str, float]:
     for a, b in itertools.combinations(POSITIONS, 2):
         pairs["position"].append((canonical_prompt("red", "square", "blue", a),
                                   canonical_prompt("red", "square", "blue", b)))
-    import torch
-
     with torch.no_grad():
         return {k: sum(rel(a, b) for a, b in v) / len(v) for k, v in pairs.items()}
 
@@ -115,7 +114,8 @@ def run_eval(generator, settings: EvalSettings, progress: bool = True, tmp_dir: 
             pairs.append((r.image, r.job.prompt))
             bar.update(1)
     report = evaluate(pairs)
-    result = EvalResult(report=report, images=pairs, separation=caption_separation(generator) if settings.caption_separation else {})
+    separation = caption_separation(generator) if settings.caption_separation else {}
+    result = EvalResult(report=report, images=pairs, separation=separation)
     if settings.recolour_prompts <= 0:
         return result
     # recolour: take generated images whose shape was drawn right, ask for another colour of the same shape

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ldm_pipeline.config import load_yaml, merge, resolve_config_path, save_yaml, to_dict
+from ldm_pipeline.config import flatten, load_yaml, merge, resolve_config_path, save_yaml, to_dict
 from ldm_pipeline.errors import UserError
 
 
@@ -70,16 +70,6 @@ def _log(msg: str) -> None:
 _RUN_KEYS = {"resume", "progress_bar", "overwrite", "max_steps"}
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _check_stage_config(stage_dir: Path, saved_name: str, cfg: Any, stage: str) -> bool:
     """An earlier run's stage is only reused or continued when it was trained with the settings the recipe asks
     for now; otherwise a one-line error names the differences (a silently reused stage would be a model trained
@@ -88,7 +78,7 @@ def _check_stage_config(stage_dir: Path, saved_name: str, cfg: Any, stage: str) 
     saved_path = stage_dir / saved_name
     if not saved_path.is_file():
         return False
-    old, new = _flat(load_yaml(saved_path)), _flat(to_dict(cfg))
+    old, new = flatten(load_yaml(saved_path)), flatten(to_dict(cfg))
     diff = [k for k in sorted(set(old) | set(new)) if k not in _RUN_KEYS and old.get(k) != new.get(k)]
     if int(new.get("max_steps") or 0) < int(old.get("max_steps") or 0):
         diff.append("max_steps")  # more steps continue the stage; fewer would silently keep the longer run
@@ -252,7 +242,8 @@ def _evaluate(r: ShapesRecipe, model: Path, out: Path) -> tuple[dict[str, Any], 
         cells.setdefault(prompt, image)
     make_grid(list(cells.values()), list(cells), cols=10).save(out / "grid.png")
     if r.compare_ddim:
-        ddim = dataclasses.replace(base, scheduler="ddim", num_inference_steps=50, recolour_prompts=0)
+        ddim = dataclasses.replace(base, scheduler="ddim", num_inference_steps=50, recolour_prompts=0,
+                                   caption_separation=False)  # the same text encoder: measured once, above
         scores["ddim50"] = run_eval(gen, ddim, progress=r.progress).to_dict()
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     return scores, True

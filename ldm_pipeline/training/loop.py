@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ldm_pipeline.config import save_yaml, to_dict
+from ldm_pipeline.config import flatten, save_yaml, to_dict
 from ldm_pipeline.errors import UserError
 from ldm_pipeline.training import checkpoints as ckpt
 from ldm_pipeline.training.config import TrainConfig, is_lora, resolve
@@ -666,17 +666,7 @@ def _merge_stats(items: list[dict]) -> dict[str, Any]:
 
 def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
     """Scalar config values for the trackers' hparams (tensorboard rejects lists and None)."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, d: dict) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-            elif isinstance(v, (int, float, str, bool)):
-                flat[prefix + k] = v
-
-    walk("", to_dict(config))
-    return flat
+    return {k: v for k, v in flatten(to_dict(config)).items() if isinstance(v, (int, float, str, bool))}
 
 
 def _model_card(config: TrainConfig, info, metrics: dict[str, Any]) -> str:
