@@ -32,11 +32,11 @@ def test_recipe_tiny_budget_end_to_end(tmp_path, capsys):
     assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress",
                      "eval_recolour=1"]) == 0
     assert scores.stat().st_mtime_ns != evaluated
-    # stage times add up over the invocations that did work (here: the first, and the re-evaluation)
+    # stage times add up over the invocations that did work; a re-evaluation replaces the evaluation's time
     times = json.loads((out / "times.json").read_text())
     assert set(metrics["seconds"]) == {"data", "vae", "tokenizer", "unet", "eval", "total"}
     assert all(v > 0 for v in metrics["seconds"].values())
-    assert times["unet"] == metrics["seconds"]["unet"] and times["eval"] > metrics["seconds"]["eval"]
+    assert times["unet"] == metrics["seconds"]["unet"] and times["eval"] != metrics["seconds"]["eval"]
     # a stage trained with other settings is never silently reused: one line naming the difference, exit 2
     capsys.readouterr()
     assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress",

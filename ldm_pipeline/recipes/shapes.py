@@ -89,10 +89,11 @@ def _check_stage_config(stage_dir: Path, saved_name: str, cfg: Any, stage: str) 
     return int(new.get("max_steps") or 0) > int(old.get("max_steps") or 0)
 
 
-def _add_time(out: Path, times: dict[str, float], stage: str, seconds: float) -> None:
+def _add_time(out: Path, times: dict[str, float], stage: str, seconds: float, replace: bool = False) -> None:
     """Stage wall times accumulate in OUTPUT_DIR/times.json over every invocation that did work, so a recipe
-    run in pieces (interrupted, continued) still reports what its stages cost."""
-    times[stage] = times.get(stage, 0.0) + seconds
+    run in pieces (interrupted, continued) still reports what its stages cost; `replace` for a stage that is
+    redone whole (the evaluation of a changed model), whose earlier runs are not part of the cost."""
+    times[stage] = seconds if replace else times.get(stage, 0.0) + seconds
     (out / "times.json").write_text(json.dumps(times, indent=2) + "\n")
 
 
@@ -187,7 +188,7 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
     t = time.perf_counter()
     scores, evaluated = _evaluate(r, final, out / "eval")  # reused when model and eval settings are unchanged
     if evaluated:
-        _add_time(out, times, "eval", time.perf_counter() - t)
+        _add_time(out, times, "eval", time.perf_counter() - t, replace=True)
 
     # 7. the model card, fp16 weights and (optionally) the copy into the package
     total = sum(times.values())
