@@ -49,7 +49,8 @@ class Oracle:
 def test_eval_harness_scores_an_oracle_perfectly():
     from ldm_pipeline.evaluation.adherence import EvalSettings, run_eval
 
-    result = run_eval(Oracle(), EvalSettings(seeds_per_prompt=1, recolour_prompts=10, caption_separation=False), progress=False)
+    result = run_eval(Oracle(), EvalSettings(seeds_per_prompt=1, recolour_prompts=10, caption_separation=False),
+                      progress=False)
     r = result.report
     assert r.held_in_accuracy == 1.0 and r.held_out_accuracy == 1.0 and r.position_accuracy == 1.0
     assert r.num_held_out == 28

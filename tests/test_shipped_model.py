@@ -26,8 +26,9 @@ PROMPTS = [
     ("a white square on a purple background, on the left", 7),
     ("a blue square on an orange background, at the bottom", 8),
 ]
-# colour, background and position are right for all of them (the model card: 99 %); the shape type is the model's
-# weak point (squares are often drawn round), so all three right is asked of most, not all
+# colour, background and position are right for all of them (the model card: colour 97.7 %, background 98.1 %,
+# position 98.8 %); the shape type is the model's weak point (squares are often drawn round), so all three right is
+# asked of most, not all
 MIN_ALL_RIGHT = 6
 
 

@@ -60,7 +60,8 @@ def caption_separation(generator) -> dict[str, float]:
 
     Why: a text encoder trained jointly from scratch can learn to map words the UNet does not use yet to almost
     the same vectors (measured here in the shapes recipe, text encoder at 1e-4: position from 0.17 at
-    initialisation to 0.10 after 1500 steps), after which no amount of UNet training can follow them. This shows it without sampling an image.
+    initialisation to 0.10 after 1500 steps), after which no amount of UNet training can follow them. This shows
+    it without sampling an image.
     """
     import itertools
 
