@@ -149,6 +149,18 @@ def _make_optimizer(config: TrainConfig, params: list, lr: float):
 
 def train(config: TrainConfig) -> TrainResult:
     """Run one training job; raises UserError for bad input and TrainingDiverged after max_bad_steps NaN losses."""
+    config = resolve(config)
+    accelerator = _make_accelerator(config)
+    result = _train(config, accelerator)
+    # The process group goes only after every rank has dropped _train's DDP-wrapped models (on its return, and by
+    # free_memory's gc): a 2-process gloo run hung, 2 times in about 15, while they were freed after end_training.
+    accelerator.free_memory()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _train(config: TrainConfig, accelerator) -> TrainResult:
     import torch
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
@@ -160,8 +172,6 @@ def train(config: TrainConfig) -> TrainResult:
     from ldm_pipeline.training import lora as lora_mod
     from ldm_pipeline.training import losses, validation
 
-    config = resolve(config)
-    accelerator = _make_accelerator(config)
     out = Path(config.output_dir)
     resume_from = _check_output_dir(accelerator, config)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -616,7 +626,6 @@ def train(config: TrainConfig) -> TrainResult:
         _log(accelerator, f"data: {_summary(data_stats)}")
         _log(accelerator, f"done: {global_step} steps, {samples_seen} samples, loss {final_loss}; model in {final_dir}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return TrainResult(str(out), str(final_dir), global_step, samples_seen, final_loss, bad_steps,
                        list(loss_history), data_stats, saved_checkpoints, train_seconds, cache_seconds)
 
