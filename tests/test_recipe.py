@@ -44,3 +44,19 @@ def test_recipe_tiny_budget_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "learning_rate: 0.001 -> 0.5" in err and "remove it" in err, err
     assert json.loads((out / "times.json").read_text())["unet"] == times["unet"]
+
+
+def test_interrupted_stage_still_counts_its_time(tmp_path, monkeypatch):
+    import time
+
+    import ldm_pipeline.training.loop as loop
+
+    def interrupted(config):
+        time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    out = tmp_path / "recipe"
+    assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress"]) == 130
+    times = json.loads((out / "times.json").read_text())
+    assert times["unet"] >= 0.05 and times["data"] > 0 and times["tokenizer"] > 0

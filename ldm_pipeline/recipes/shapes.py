@@ -12,11 +12,13 @@ Stages (each skipped when its output already exists, so an interrupted recipe co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,17 @@ def _add_time(out: Path, times: dict[str, float], stage: str, seconds: float, re
     (out / "times.json").write_text(json.dumps(times, indent=2) + "\n")
 
 
+@contextlib.contextmanager
+def _timed(out: Path, times: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the enclosed stage work to times.json, also when it fails or is interrupted (Ctrl-C):
+    a continued run then still reports the work the interrupted invocation spent."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        _add_time(out, times, stage, time.perf_counter() - t)
+
+
 def _load_times(out: Path) -> dict[str, float]:
     path = out / "times.json"
     return {k: float(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
@@ -121,16 +134,15 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
 
     # 1. data
     data = out / "data"
-    t = time.perf_counter()
     if not (data / "done").is_file():
         from ldm_pipeline.shapes import write_shards
 
-        if data.exists():
-            shutil.rmtree(data)
-        _log(f"drawing {r.num_samples} images")
-        write_shards(data, r.num_samples, seed=r.seed, samples_per_shard=r.samples_per_shard)
-        (data / "done").write_text("ok\n")
-        _add_time(out, times, "data", time.perf_counter() - t)
+        with _timed(out, times, "data"):
+            if data.exists():
+                shutil.rmtree(data)
+            _log(f"drawing {r.num_samples} images")
+            write_shards(data, r.num_samples, seed=r.seed, samples_per_shard=r.samples_per_shard)
+            (data / "done").write_text("ok\n")
 
     # 2. autoencoder
     from ldm_pipeline.training.vae import CONFIG_FILE as VAE_CONFIG_FILE
@@ -155,10 +167,9 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
     tok_dir = out / "tokenizer"
     if not (tok_dir / "vocab.json").is_file():
         _log("building the tokenizer from the captions")
-        t = time.perf_counter()
-        build_clip_tokenizer(_captions(data), tok_dir, vocab_size=r.tokenizer_vocab_size,
-                             model_max_length=r.tokenizer_max_length)
-        _add_time(out, times, "tokenizer", time.perf_counter() - t)
+        with _timed(out, times, "tokenizer"):
+            build_clip_tokenizer(_captions(data), tok_dir, vocab_size=r.tokenizer_vocab_size,
+                                 model_max_length=r.tokenizer_max_length)
 
     # 4. initial model folder
     init = out / "init"
@@ -180,9 +191,8 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
         _log("stage 2: UNet + text encoder")
         if unet_out.exists():
             tcfg = dataclasses.replace(tcfg, resume="latest")
-        t = time.perf_counter()
-        train(tcfg)
-        _add_time(out, times, "unet", time.perf_counter() - t)
+        with _timed(out, times, "unet"):  # an interrupted run's steps (and latent caching) are kept: they count
+            train(tcfg)
 
     # 6. evaluation
     t = time.perf_counter()
