@@ -5,7 +5,7 @@ import json
 from ldm_pipeline.cli import main as ldm_main
 
 
-def test_recipe_tiny_budget_end_to_end(tmp_path, capsys):
+def test_recipe_tiny_budget_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "recipe"
     assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress"]) == 0
     metrics = json.loads((out / "recipe.json").read_text())
@@ -31,6 +31,15 @@ def test_recipe_tiny_budget_end_to_end(tmp_path, capsys):
     # a different evaluation setting evaluates again
     assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress",
                      "eval_recolour=1"]) == 0
+    assert scores.stat().st_mtime_ns != evaluated
+    # so does a changed evaluator: scores of older evaluation code are not reused
+    import ldm_pipeline.recipes.shapes as recipe
+
+    evaluated = scores.stat().st_mtime_ns
+    with monkeypatch.context() as m:
+        m.setattr(recipe, "_evaluator_hash", lambda: "changed")
+        assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress",
+                         "eval_recolour=1"]) == 0
     assert scores.stat().st_mtime_ns != evaluated
     # stage times add up over the invocations that did work; a re-evaluation replaces the evaluation's time
     times = json.loads((out / "times.json").read_text())

@@ -227,6 +227,18 @@ def _assemble(r: ShapesRecipe, vae_dir: Path, tok_dir: Path, init: Path) -> None
     save_pipeline(pipeline_from_components(comps), init, defaults=spec.defaults, overwrite=True)
 
 
+def _evaluator_hash() -> str:
+    """Hash of the evaluation code: scores saved by an older evaluator are computed again, not reused."""
+    import hashlib
+
+    import ldm_pipeline.evaluation as evaluation
+
+    h = hashlib.sha256()
+    for path in sorted(Path(evaluation.__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _evaluate(r: ShapesRecipe, model: Path, out: Path) -> tuple[dict[str, Any], bool]:
     """The evaluation's scores, and whether they were computed now (False: reused)."""
     from ldm_pipeline.evaluation.adherence import EvalSettings, run_eval
@@ -235,8 +247,9 @@ def _evaluate(r: ShapesRecipe, model: Path, out: Path) -> tuple[dict[str, Any], 
     from ldm_pipeline.pipeline import Generator, RuntimeOptions
 
     out.mkdir(parents=True, exist_ok=True)
-    key = {"model": folder_hash(model), "seed": r.seed, "seeds_per_prompt": r.eval_seeds_per_prompt,
-           "max_prompts": r.eval_max_prompts, "recolour": r.eval_recolour, "compare_ddim": r.compare_ddim}
+    key = {"model": folder_hash(model), "evaluator": _evaluator_hash(), "seed": r.seed,
+           "seeds_per_prompt": r.eval_seeds_per_prompt, "max_prompts": r.eval_max_prompts,
+           "recolour": r.eval_recolour, "compare_ddim": r.compare_ddim}
     if (out / "scores.json").is_file():
         previous = json.loads((out / "scores.json").read_text())
         if previous.get("key") == key:

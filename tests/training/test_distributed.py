@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.training.conftest import cli_env, load_weights, max_abs_diff
+from tests.conftest import run_torchrun
+from tests.training.conftest import load_weights, max_abs_diff
 
 
 def _torchrun(*args, cwd):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ldm_pipeline", "train", *args]
-    env = {**cli_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
+    r = run_torchrun("train", *args, cwd=cwd, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
