@@ -97,6 +97,12 @@ class TrainConfig:
     prediction_type: Literal["model", "epsilon", "v_prediction"] = "model"  # model = the scheduler's own
     snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is the paper's choice
     noise_offset: float = 0.0  # offset noise (Guttenberg 2023): helps very dark/bright images; ~0.05-0.1
+    # which training timesteps to draw: uniform (DDPM), or logit-normal (SD3, Esser et al. 2024): t/T ~ sigmoid(N(
+    # timestep_logit_mean, timestep_logit_std²)), more steps at the middle noise levels where layout and shape are
+    # decided; a positive mean moves them towards more noise
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
     ema: EMASettings = field(default_factory=EMASettings)
     seed: int = 0  # seeds model init (config models), noise, timesteps; data shuffling is data.seed
     # --- latent caching
@@ -229,6 +235,7 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.adam_weight_decay >= 0, "adam_weight_decay", ">= 0", c.adam_weight_decay)
     need(c.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 = no clipping)", c.max_grad_norm)
     need(c.noise_offset >= 0, "noise_offset", ">= 0", c.noise_offset)
+    need(c.timestep_logit_std > 0, "timestep_logit_std", "positive", c.timestep_logit_std)
     need(c.lr_num_cycles >= 1, "lr_num_cycles", "at least 1", c.lr_num_cycles)
     need(c.lr_power > 0, "lr_power", "positive", c.lr_power)
     need(c.debug_nan_count >= 1, "debug_nan_count", "at least 1", c.debug_nan_count)

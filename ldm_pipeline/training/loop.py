@@ -368,7 +368,8 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
         latents = encode_latents(batch)
         noise = losses.sample_noise(latents, noise_gen, config.noise_offset)
         timesteps = losses.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, noise_gen,
-                                            device)
+                                            device, config.timestep_sampling, config.timestep_logit_mean,
+                                            config.timestep_logit_std)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = losses.target_for(noise_scheduler, latents, noise, timesteps)
         pred = unet(noisy, timesteps, encode_text(batch), return_dict=False)[0]

@@ -20,10 +20,18 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset
     return noise.to(latents.device)
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Uniform training timesteps in [0, num_train_timesteps)."""
-    t = torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
-    return t.to(device)
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator, device,
+                     sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """Training timesteps in [0, num_train_timesteps): uniform, or logit-normal (SD3's density, through diffusers'
+    `compute_density_for_timestep_sampling`) mapped onto the discrete timesteps."""
+    if sampling == "uniform":
+        t = torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
+        return t.to(device)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(sampling, batch, logit_mean=logit_mean, logit_std=logit_std,
+                                              device=generator.device, generator=generator)
+    return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1).to(device)
 
 
 def target_for(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,7 @@ def test_cache_latents_refuses_random_crop(tmp_path):
     ({"adam_beta2": 1.0}, "adam_beta2"),
     ({"max_grad_norm": -1}, "max_grad_norm"),
     ({"text_encoder_learning_rate": 0}, "text_encoder_learning_rate"),
+    ({"timestep_sampling": "logit_normal", "timestep_logit_std": 0}, "timestep_logit_std"),
     ({"validate_every": 5, "validation": {"num_inference_steps": 0}}, "validation.num_inference_steps"),
 ])
 def test_impossible_values_name_their_key(tmp_path, layer, key):
@@ -90,3 +91,8 @@ def test_impossible_values_name_their_key(tmp_path, layer, key):
 def test_prediction_type_sample_is_refused():
     with pytest.raises(UserError, match="prediction_type"):
         load_train_config("tiny_test", {"prediction_type": "sample"})
+
+
+def test_unknown_timestep_sampling_is_refused():
+    with pytest.raises(UserError, match="timestep_sampling"):
+        load_train_config("tiny_test", {"timestep_sampling": "cosmap"})

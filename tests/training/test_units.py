@@ -39,6 +39,23 @@ def test_noise_is_reproducible_from_generator_state():
     assert torch.equal(a, losses.sample_noise(lat, g, noise_offset=0.1))
 
 
+def test_timestep_sampling_uniform_and_logit_normal():
+    g = torch.Generator().manual_seed(0)
+    uniform = losses.sample_timesteps(20_000, 1000, g, "cpu")
+    state = g.get_state()
+    centred = losses.sample_timesteps(20_000, 1000, g, "cpu", "logit_normal", 0.0, 1.0)
+    g.set_state(state)
+    assert torch.equal(centred, losses.sample_timesteps(20_000, 1000, g, "cpu", "logit_normal", 0.0, 1.0))
+    noisy = losses.sample_timesteps(20_000, 1000, g, "cpu", "logit_normal", 1.0, 1.0)
+    for t in (uniform, centred, noisy):
+        assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= 999
+    middle = lambda t: ((t >= 300) & (t < 700)).float().mean().item()  # noqa: E731
+    assert abs(middle(uniform) - 0.4) < 0.02
+    assert middle(centred) > 0.55  # sigmoid(N(0, 1)): 57 % of its mass in [0.3, 0.7)
+    assert abs(centred.float().mean().item() - 500) < 10
+    assert noisy.float().mean().item() > 650  # a positive mean moves the steps towards noise
+
+
 def test_latest_ignores_half_written_and_prune(tmp_path):
     for step in (2, 4, 6):
         d = tmp_path / f"checkpoint-{step}"
