@@ -15,7 +15,9 @@ from ldm_pipeline.config import load_config, resolve_config_path
 from ldm_pipeline.data.config import DataConfig
 from ldm_pipeline.errors import UserError
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# diffusers' get_scheduler names, plus warmup_stable_decay (transformers' get_wsd_schedule, Hägele et al. 2024)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                 "warmup_stable_decay")
 
 
 @dataclass
@@ -80,6 +82,9 @@ class TrainConfig:
     lr_warmup_steps: int = 500  # optimizer steps of linear warm-up
     lr_num_cycles: int = 1  # cosine_with_restarts
     lr_power: float = 1.0  # polynomial
+    # warmup_stable_decay: the constant rate's last lr_decay_steps steps fall to 0 along a half cosine, so a run
+    # trains at full rate for longest and still ends on annealed weights (what an EMA gives, without its lag)
+    lr_decay_steps: int = 0
     # --- optimizer
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs bitsandbytes (CUDA)
     adam_beta1: float = 0.9
@@ -238,6 +243,10 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.timestep_logit_std > 0, "timestep_logit_std", "positive", c.timestep_logit_std)
     need(c.lr_num_cycles >= 1, "lr_num_cycles", "at least 1", c.lr_num_cycles)
     need(c.lr_power > 0, "lr_power", "positive", c.lr_power)
+    if c.lr_scheduler == "warmup_stable_decay":
+        need(0 < c.lr_decay_steps <= c.max_steps - c.lr_warmup_steps, "lr_decay_steps",
+             f"in [1, max_steps - lr_warmup_steps = {c.max_steps - c.lr_warmup_steps}] for warmup_stable_decay",
+             c.lr_decay_steps)
     need(c.debug_nan_count >= 1, "debug_nan_count", "at least 1", c.debug_nan_count)
     need(c.debug_sleep >= 0, "debug_sleep", ">= 0", c.debug_sleep)
     v = c.validation

@@ -147,6 +147,19 @@ def _make_optimizer(config: TrainConfig, params: list, lr: float):
     return torch.optim.AdamW(params, **kwargs)
 
 
+def _make_lr_scheduler(config: TrainConfig, optimizer):
+    if config.lr_scheduler == "warmup_stable_decay":  # not among diffusers' schedules; transformers has it
+        from transformers.optimization import get_wsd_schedule
+
+        return get_wsd_schedule(optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                num_decay_steps=config.lr_decay_steps, num_training_steps=config.max_steps)
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=config.max_steps, num_cycles=config.lr_num_cycles,
+                         power=config.lr_power)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run one training job; raises UserError for bad input and TrainingDiverged after max_bad_steps NaN losses."""
     config = resolve(config)
@@ -164,7 +177,6 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
     import torch
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel, cast_training_params
 
     from ldm_pipeline.data import LoaderState, build_dataset, make_dataloader
@@ -239,9 +251,7 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process per call unless the step counts
     # are scaled by the number of processes (https://github.com/huggingface/diffusers/issues/6137). We step it
     # ourselves once per optimizer step and checkpoint it as a registered object.
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=config.max_steps, num_cycles=config.lr_num_cycles,
-                                 power=config.lr_power)
+    lr_scheduler = _make_lr_scheduler(config, optimizer)
     # EMA averages everything that is trained: the UNet and, when trained with it, the text encoder, so the averaged
     # UNet is saved beside the text encoder it was averaged with
     ema_params = unet_params + te_params

@@ -81,6 +81,9 @@ def test_cache_latents_refuses_random_crop(tmp_path):
     ({"text_encoder_learning_rate": 0}, "text_encoder_learning_rate"),
     ({"timestep_sampling": "logit_normal", "timestep_logit_std": 0}, "timestep_logit_std"),
     ({"validate_every": 5, "validation": {"num_inference_steps": 0}}, "validation.num_inference_steps"),
+    ({"lr_scheduler": "warmup_stable_decay"}, "lr_decay_steps"),  # 0 decay steps
+    ({"lr_scheduler": "warmup_stable_decay", "max_steps": 100, "lr_warmup_steps": 10, "lr_decay_steps": 91},
+     "lr_decay_steps"),
 ])
 def test_impossible_values_name_their_key(tmp_path, layer, key):
     base = {"model": "m", "data": {"source": "d"}, "output_dir": str(tmp_path)}

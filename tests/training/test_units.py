@@ -102,3 +102,22 @@ def test_resume_sets_aside_the_abandoned_future(tmp_path):
     older.mkdir()
     (older / ckpt.STATE_FILE).write_text(json.dumps({"global_step": 50}))
     assert ckpt.prune(tmp_path, 1, protect=older) == [new]  # never the one just written, even if not the newest
+
+
+def test_warmup_stable_decay_schedule():
+    """Full rate after the warm-up until the last lr_decay_steps, then a fall towards 0 (transformers' WSD)."""
+    from ldm_pipeline.training.config import TrainConfig
+    from ldm_pipeline.training.loop import _make_lr_scheduler
+
+    config = TrainConfig(max_steps=20, lr_warmup_steps=2, lr_scheduler="warmup_stable_decay", lr_decay_steps=5)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = _make_lr_scheduler(config, optimizer)
+    rates = []
+    for _ in range(config.max_steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:2] == [0.0, 0.25]
+    assert rates[2:16] == [0.5] * 14  # the decay's first step is still at the full rate (cosine of 0)
+    assert all(a > b for a, b in zip(rates[15:], rates[16:]))  # then strictly falling
+    assert 0 < rates[-1] < 0.1 and scheduler.get_last_lr()[0] == 0.0
