@@ -53,6 +53,21 @@ def test_recipe_tiny_budget_end_to_end(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "learning_rate: 0.001 -> 0.5" in err and "remove it" in err, err
     assert json.loads((out / "times.json").read_text())["unet"] == times["unet"]
+    # nor is an initial model built before its architecture YAML was edited (the same config name)
+    import ldm_pipeline.models as models
+
+    real = models.load_model_spec
+
+    def edited(name):
+        spec = real(name)
+        spec.unet = {**spec.unet, "layers_per_block": 7}
+        return spec
+
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_model_spec", edited)
+        assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "init was made with other settings (unet.layers_per_block:" in err and "-> 7" in err, err
 
 
 def test_interrupted_stage_still_counts_its_time(tmp_path, monkeypatch):

@@ -57,7 +57,7 @@ TINY_BUDGET: dict[str, Any] = {
     "vae_overrides": {"max_steps": 4, "batch_size": 8, "eval_every": 0, "num_eval_images": 16, "checkpoint_every": 0,
                       "lr_warmup_steps": 1},
     "train_overrides": {"max_steps": 4, "batch_size": 8, "validate_every": 0, "checkpoint_every": 0,
-                        "lr_warmup_steps": 1, "cache_batch_size": 32},
+                        "lr_warmup_steps": 1, "lr_decay_steps": 2, "cache_batch_size": 32},
     "eval_seeds_per_prompt": 1,
     "eval_max_prompts": 2,
     "eval_recolour": 2,
@@ -68,6 +68,7 @@ def _log(msg: str) -> None:
     print(f"ldm recipe shapes: {msg}", flush=True)
 
 
+INIT_ARCH_FILE = "architecture.yaml"  # what the init stage was built from (`_architecture`)
 # run-control keys: they change how a stage runs, not what it produces
 _RUN_KEYS = {"resume", "progress_bar", "overwrite", "max_steps"}
 
@@ -86,8 +87,8 @@ def _check_stage_config(stage_dir: Path, saved_name: str, cfg: Any, stage: str) 
         diff.append("max_steps")  # more steps continue the stage; fewer would silently keep the longer run
     if diff:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
-        raise UserError(f"{stage_dir} was trained with other settings ({shown}); remove it (and the later stages) "
-                        f"to train the {stage} stage again, or use another --output-dir")
+        raise UserError(f"{stage_dir} was made with other settings ({shown}); remove it (and the later stages) "
+                        f"to run the {stage} stage again, or use another --output-dir")
     return int(new.get("max_steps") or 0) > int(old.get("max_steps") or 0)
 
 
@@ -173,8 +174,10 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
 
     # 4. initial model folder
     init = out / "init"
+    arch = _architecture(r, tok_dir)
+    _check_stage_config(init, INIT_ARCH_FILE, arch, "initial model")  # an edited configs/models YAML is not reused
     if not (init / "model_index.json").is_file():
-        _assemble(r, vae_out / "vae", tok_dir, init)
+        _assemble(r, arch, vae_out / "vae", tok_dir, init)
 
     # 5. diffusion model
     from ldm_pipeline.training.checkpoints import CONFIG_FILE as TRAIN_CONFIG_FILE
@@ -209,22 +212,30 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
     return metrics
 
 
-def _assemble(r: ShapesRecipe, vae_dir: Path, tok_dir: Path, init: Path) -> None:
-    """Random UNet and text encoder from the architecture, sized to the built tokenizer, plus the trained VAE."""
-    from diffusers import AutoencoderKL
-
-    from ldm_pipeline.models import build_components, load_model_spec, pipeline_from_components, save_pipeline
+def _architecture(r: ShapesRecipe, tok_dir: Path) -> dict[str, Any]:
+    """The model config's UNet, text encoder and scheduler, with the vocabulary, special-token ids and window of
+    the built tokenizer; the init stage is reused only while this stays the same."""
+    from ldm_pipeline.models import load_model_spec
     from ldm_pipeline.tokenizer import load_tokenizer
 
     spec = load_model_spec(r.model_config)
     tok = load_tokenizer(str(tok_dir))
-    # the tokenizer decides the text encoder's vocabulary, special-token ids and window
     spec.text_encoder.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id, max_position_embeddings=tok.model_max_length)
-    spec.tokenizer = str(tok_dir)
+    return {"unet": spec.unet, "text_encoder": spec.text_encoder, "scheduler": spec.scheduler}
+
+
+def _assemble(r: ShapesRecipe, arch: dict[str, Any], vae_dir: Path, tok_dir: Path, init: Path) -> None:
+    """Random UNet and text encoder of `arch` (see `_architecture`), plus the trained VAE and built tokenizer."""
+    from diffusers import AutoencoderKL
+
+    from ldm_pipeline.models import build_components, load_model_spec, pipeline_from_components, save_pipeline
+
+    spec = dataclasses.replace(load_model_spec(r.model_config), **arch, tokenizer=str(tok_dir))
     comps = build_components(spec, seed=r.seed)
     comps["vae"] = AutoencoderKL.from_pretrained(str(vae_dir))
     save_pipeline(pipeline_from_components(comps), init, defaults=spec.defaults, overwrite=True)
+    save_yaml(arch, init / INIT_ARCH_FILE)
 
 
 def _evaluator_hash() -> str:
