@@ -21,10 +21,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ldm_pipeline.config import flatten, load_yaml, merge, resolve_config_path, save_yaml, to_dict
 from ldm_pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from ldm_pipeline.models import ModelSpec
 
 
 @dataclass
@@ -68,7 +71,7 @@ def _log(msg: str) -> None:
     print(f"ldm recipe shapes: {msg}", flush=True)
 
 
-INIT_ARCH_FILE = "architecture.yaml"  # what the init stage was built from (`_architecture`)
+INIT_ARCH_FILE = "architecture.yaml"  # the UNet, text encoder and scheduler the init stage was built from
 # run-control keys: they change how a stage runs, not what it produces
 _RUN_KEYS = {"resume", "progress_bar", "overwrite", "max_steps"}
 
@@ -174,10 +177,12 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
 
     # 4. initial model folder
     init = out / "init"
-    arch = _architecture(r, tok_dir)
+    spec = _init_spec(r, tok_dir)
+    arch = {"unet": spec.unet, "text_encoder": spec.text_encoder, "scheduler": spec.scheduler}
     _check_stage_config(init, INIT_ARCH_FILE, arch, "initial model")  # an edited configs/models YAML is not reused
     if not (init / "model_index.json").is_file():
-        _assemble(r, arch, vae_out / "vae", tok_dir, init)
+        _assemble(spec, r.seed, vae_out / "vae", init)
+        save_yaml(arch, init / INIT_ARCH_FILE)
 
     # 5. diffusion model
     from ldm_pipeline.training.checkpoints import CONFIG_FILE as TRAIN_CONFIG_FILE
@@ -212,9 +217,9 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
     return metrics
 
 
-def _architecture(r: ShapesRecipe, tok_dir: Path) -> dict[str, Any]:
-    """The model config's UNet, text encoder and scheduler, with the vocabulary, special-token ids and window of
-    the built tokenizer; the init stage is reused only while this stays the same."""
+def _init_spec(r: ShapesRecipe, tok_dir: Path) -> ModelSpec:
+    """The model config with the built tokenizer, which decides the text encoder's vocabulary, special-token ids and
+    window; its UNet, text encoder and scheduler are what the init stage is compared on."""
     from ldm_pipeline.models import load_model_spec
     from ldm_pipeline.tokenizer import load_tokenizer
 
@@ -222,20 +227,19 @@ def _architecture(r: ShapesRecipe, tok_dir: Path) -> dict[str, Any]:
     tok = load_tokenizer(str(tok_dir))
     spec.text_encoder.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id, max_position_embeddings=tok.model_max_length)
-    return {"unet": spec.unet, "text_encoder": spec.text_encoder, "scheduler": spec.scheduler}
+    spec.tokenizer = str(tok_dir)
+    return spec
 
 
-def _assemble(r: ShapesRecipe, arch: dict[str, Any], vae_dir: Path, tok_dir: Path, init: Path) -> None:
-    """Random UNet and text encoder of `arch` (see `_architecture`), plus the trained VAE and built tokenizer."""
+def _assemble(spec: ModelSpec, seed: int, vae_dir: Path, init: Path) -> None:
+    """Random UNet and text encoder of `spec` (see `_init_spec`), plus the trained VAE."""
     from diffusers import AutoencoderKL
 
-    from ldm_pipeline.models import build_components, load_model_spec, pipeline_from_components, save_pipeline
+    from ldm_pipeline.models import build_components, pipeline_from_components, save_pipeline
 
-    spec = dataclasses.replace(load_model_spec(r.model_config), **arch, tokenizer=str(tok_dir))
-    comps = build_components(spec, seed=r.seed)
+    comps = build_components(spec, seed=seed)
     comps["vae"] = AutoencoderKL.from_pretrained(str(vae_dir))
     save_pipeline(pipeline_from_components(comps), init, defaults=spec.defaults, overwrite=True)
-    save_yaml(arch, init / INIT_ARCH_FILE)
 
 
 def _evaluator_hash() -> str:
