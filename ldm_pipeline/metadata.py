@@ -33,6 +33,8 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         fields.append(("Eta DDIM", _num(record["eta"])))  # A1111's key for DDIM's η ("Eta" is its ancestral η)
     if record.get("guidance_rescale"):
         fields.append(("CFG Rescale", _num(record["guidance_rescale"])))
+    if record.get("guidance_cutoff"):
+        fields.append(("CFG cutoff", _num(record["guidance_cutoff"])))
     if record.get("batch"):
         fields += [("Batch size", record["batch"]["size"]), ("Batch pos", record["batch"]["position"])]
     lines = [record["prompt"]]

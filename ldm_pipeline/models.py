@@ -36,6 +36,7 @@ class GenerationDefaults:
     width: int = 512
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
+    guidance_cutoff: float = 0.0  # classifier-free guidance only at timesteps >= this fraction of the schedule
     scheduler: str = "ddim"
 
 
@@ -111,6 +112,18 @@ def init_model(spec: ModelSpec | str | Path, output: str | Path, seed: int = 0, 
     return output
 
 
+def write_defaults(folder: Path, defaults: GenerationDefaults) -> bool:
+    """Store a model folder's sampling defaults (written to a temporary name, then renamed); False if unchanged."""
+    path = Path(folder) / DEFAULTS_FILE
+    text = json.dumps(dataclasses.asdict(defaults), indent=2) + "\n"
+    if path.is_file() and path.read_text() == text:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return True
+
+
 def save_pipeline(pipe, output: str | Path, defaults: GenerationDefaults | None = None, overwrite: bool = False) -> Path:
     """Save a pipeline as a diffusers folder in safetensors, written to a temporary name and renamed into place."""
     output = Path(output)
@@ -119,7 +132,7 @@ def save_pipeline(pipe, output: str | Path, defaults: GenerationDefaults | None 
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if defaults is not None:
-            (tmp / DEFAULTS_FILE).write_text(json.dumps(dataclasses.asdict(defaults), indent=2) + "\n")
+            write_defaults(tmp, defaults)
         if output.exists():
             if not overwrite:
                 raise UserError(f"{output} already exists: pass --overwrite to replace it")
@@ -302,7 +315,7 @@ def _write_config_folder(out: Path, unet: dict, vae: dict, text_encoder: dict, t
         "requires_safety_checker": False,
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    (tmp / DEFAULTS_FILE).write_text(json.dumps(dataclasses.asdict(defaults), indent=2))
+    write_defaults(tmp, defaults)
     _rename_into_place(tmp, out)
     return out
 

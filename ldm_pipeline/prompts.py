@@ -250,6 +250,7 @@ ROW_FIELDS: dict[str, type] = {
     "steps": int,
     "guidance_scale": float,
     "guidance_rescale": float,
+    "guidance_cutoff": float,
     "scheduler": str,
     "eta": float,
     "height": int,

@@ -68,14 +68,26 @@ def test_replay_is_bit_exact(tiny_model, tmp_path, capsys):
     prompt_file.write_text(json.dumps({"prompt": "a (blue:1.2) square", "negative_prompt": "red", "seed": 77,
                                        "scheduler": "euler-a", "steps": 4, "guidance_scale": 5}) + "\n")
     assert ldm_main(["txt2img", "--from-file", str(prompt_file), "--model", str(tiny_model), "--outdir", str(out),
-                     "-q", "--clip-skip", "2", "--guidance-rescale", "0.3"]) == 0
+                     "-q", "--clip-skip", "2", "--guidance-rescale", "0.3", "--guidance-cutoff", "0.4"]) == 0
     first = out / "00000-77.png"
     assert ldm_main(["txt2img", "--replay", str(first), "--outdir", str(out), "-q"]) == 0
     replayed = out / "00001-77.png"
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(replayed)))
     rec = json.loads(Image.open(replayed).info["ldm_pipeline"])
     assert rec["clip_skip"] == 2 and rec["negative_prompt"] == "red" and rec["guidance_rescale"] == 0.3
+    assert rec["guidance_cutoff"] == 0.4
     assert "Clip skip: 2" in Image.open(first).info["parameters"]
+    assert "CFG cutoff: 0.4" in Image.open(first).info["parameters"]
+
+
+def test_replay_of_a_record_from_before_guidance_cutoff_guides_every_step(generator):
+    from ldm_pipeline.cli.txt2img import jobs_from_record
+    from ldm_pipeline.pipeline import Job
+
+    rec = next(generator.generate([Job("x", seed=1, num_inference_steps=2, guidance_cutoff=0.5)])).record
+    assert jobs_from_record(rec)[0].guidance_cutoff == 0.5
+    del rec["guidance_cutoff"]  # images made before the option: not the model's default now, but 0 (every step)
+    assert jobs_from_record(rec)[0].guidance_cutoff == 0.0
 
 
 def test_img2img_end_to_end_and_replay(tiny_model, tmp_path):
@@ -136,6 +148,8 @@ ERROR_CASES = [
     (["img2img", "x", "--init-image", "a.png", "--steps", "10", "--strength", "0.05"], "use --strength 0.1 or more"),
     (["txt2img", "x", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["txt2img", "x", "--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1]"),
+    (["txt2img", "x", "--guidance-cutoff", "1.5"], "--guidance-cutoff must be in [0, 1]"),
+    (["txt2img", "--replay", "{tmp}/made.png", "--guidance-cutoff", "0.5"], "drop --guidance-cutoff"),
     (["txt2img", "x", "--eta", "-1"], "--eta must be >= 0"),
     (["txt2img", "x", "--clip-skip", "0"], "--clip-skip must be at least 1"),
     (["txt2img", "x", "--eta", "0.5", "--scheduler", "euler"], "--eta applies to the ddim scheduler only"),

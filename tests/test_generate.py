@@ -63,6 +63,60 @@ def test_cfg_scale_changes_output_and_1_skips_uncond(generator, monkeypatch):
     assert set(calls) == {2}
 
 
+def unet_calls(generator, monkeypatch) -> list[tuple[int, int]]:
+    """(timestep, batch rows) of every UNet forward from now on."""
+    calls = []
+    unet = generator.pipe.unet
+    orig = unet.forward
+
+    def forward(sample, t, *a, **k):
+        calls.append((int(t), sample.shape[0]))
+        return orig(sample, t, *a, **k)
+
+    monkeypatch.setattr(unet, "forward", forward)
+    return calls
+
+
+def test_guidance_cutoff_guides_only_the_noisy_steps(generator, monkeypatch):
+    calls = unet_calls(generator, monkeypatch)
+    base = one(generator, seed=3, guidance_scale=5.0, num_inference_steps=10)
+    assert {rows for _, rows in calls} == {2}  # the tiny model's default: every step guided
+    calls.clear()
+    cut = one(generator, seed=3, guidance_scale=5.0, num_inference_steps=10, guidance_cutoff=0.5)
+    assert [rows for _, rows in calls] == [2 if t >= 500 else 1 for t, _ in calls]
+    assert {rows for _, rows in calls} == {1, 2}
+    assert not np.array_equal(px(base), px(cut))
+    # 0 is off; 1 guides no step at all, which is CFG 1
+    assert np.array_equal(px(base), px(one(generator, seed=3, guidance_scale=5.0, num_inference_steps=10,
+                                             guidance_cutoff=0.0)))
+    calls.clear()
+    none = one(generator, seed=3, guidance_scale=5.0, num_inference_steps=10, guidance_cutoff=1.0)
+    assert {rows for _, rows in calls} == {1}
+    assert np.array_equal(px(none), px(one(generator, seed=3, guidance_scale=1.0, num_inference_steps=10)))
+
+
+def test_guidance_cutoff_in_a_batch_keeps_each_prompt(generator):
+    # diffusers' SDCFGCutoffCallback keeps only the last prompt's embedding after the cut-off; ours keeps all
+    prompts = ["a red circle", "a blue square on a green background", "a cat"]
+    kw = dict(num_inference_steps=6, guidance_scale=5.0, guidance_cutoff=0.6)
+    jobs = [Job(p, seed=10 + i, index=i, **kw) for i, p in enumerate(prompts)]
+    for i, (b, p) in enumerate(zip(generator.generate(jobs, batch_size=3), prompts)):
+        diff = np.abs(px(b.image) - px(one(generator, prompt=p, seed=10 + i, **kw)))
+        assert diff.max() <= 2 and diff.mean() < 0.1
+        assert b.record["guidance_cutoff"] == 0.6
+
+
+def test_guidance_cutoff_judges_img2img_by_its_own_timesteps(generator, init_png, monkeypatch):
+    calls = unet_calls(generator, monkeypatch)
+    kw = dict(prompt=PROMPT, seed=0, init_image=str(init_png), strength=0.5, num_inference_steps=10, guidance_scale=5.0)
+    next(generator.generate([Job(**kw, guidance_cutoff=0.3)]))
+    assert len(calls) == 5 and [rows for _, rows in calls] == [2 if t >= 300 else 1 for t, _ in calls]
+    assert {rows for _, rows in calls} == {1, 2}
+    calls.clear()
+    next(generator.generate([Job(**kw, guidance_cutoff=0.6)]))  # starts below the cut-off: no step guided
+    assert len(calls) == 5 and {rows for _, rows in calls} == {1}
+
+
 def test_negative_prompt_and_rescale_change_output(generator):
     base = one(generator, seed=4)
     assert not np.array_equal(px(base), px(one(generator, seed=4, negative_prompt="green")))
@@ -99,6 +153,7 @@ def test_eta_changes_ddim_only(generator):
         ({"clip_skip": 0}, "clip skip must be at least 1"),
         ({"clip_skip": 3}, "clip skip must be 1..2"),
         ({"guidance_rescale": 1.5}, r"guidance rescale must be in \[0, 1\]"),
+        ({"guidance_cutoff": -0.1}, r"guidance cutoff must be in \[0, 1\]"),
         ({"eta": -0.5}, "eta must be >= 0"),
     ],
 )

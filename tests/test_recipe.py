@@ -46,6 +46,28 @@ def test_recipe_tiny_budget_end_to_end(tmp_path, capsys, monkeypatch):
     assert set(metrics["seconds"]) == {"data", "vae", "tokenizer", "unet", "eval", "total"}
     assert all(v > 0 for v in metrics["seconds"].values())
     assert times["unet"] == metrics["seconds"]["unet"] and times["eval"] != metrics["seconds"]["eval"]
+    # an edited `defaults:` of the model config reaches the trained model without training again, and the
+    # evaluation is run again at the new defaults
+    import ldm_pipeline.models as models
+
+    real = models.load_model_spec
+
+    def new_defaults(name):
+        spec = real(name)
+        spec.defaults.guidance_cutoff = 0.5
+        return spec
+
+    evaluated, unet_time = scores.stat().st_mtime_ns, json.loads((out / "times.json").read_text())["unet"]
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_model_spec", new_defaults)
+        assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress",
+                         "eval_recolour=1"]) == 0
+    assert scores.stat().st_mtime_ns != evaluated
+    assert json.loads(scores.read_text())["defaults"]["guidance_cutoff"] == 0.5
+    assert json.loads((model / "ldm_defaults.json").read_text())["guidance_cutoff"] == 0.5
+    assert "at timesteps >= 0.5 of the schedule" in (model / "README.md").read_text()
+    times = json.loads((out / "times.json").read_text())
+    assert times["unet"] == unet_time
     # a stage trained with other settings is never silently reused: one line naming the difference, exit 2
     capsys.readouterr()
     assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress",
@@ -54,10 +76,6 @@ def test_recipe_tiny_budget_end_to_end(tmp_path, capsys, monkeypatch):
     assert "learning_rate: 0.001 -> 0.5" in err and "remove it" in err, err
     assert json.loads((out / "times.json").read_text())["unet"] == times["unet"]
     # nor is an initial model built before its architecture YAML was edited (the same config name)
-    import ldm_pipeline.models as models
-
-    real = models.load_model_spec
-
     def edited(name):
         spec = real(name)
         spec.unet = {**spec.unet, "layers_per_block": 7}

@@ -79,7 +79,8 @@ SAMPLING_DEFAULTS = {"negative_prompt": "", "guidance_rescale": 0.0, "eta": 0.0,
                      "clip_skip": 1, "strength": 0.75, "resize_mode": "crop"}
 # sampling options (dest → flag) that a replay takes from the image's record
 RECORDED_OPTIONS = {"negative_prompt": "--negative-prompt", "steps": "--steps", "guidance_scale": "--guidance-scale",
-                    "guidance_rescale": "--guidance-rescale", "scheduler": "--scheduler", "eta": "--eta",
+                    "guidance_rescale": "--guidance-rescale", "guidance_cutoff": "--guidance-cutoff",
+                    "scheduler": "--scheduler", "eta": "--eta",
                     "seed": "--seed", "num_images": "--num-images", "batch_size": "--batch-size", "height": "--height",
                     "width": "--width", "clip_skip": "--clip-skip", "init_image": "--init-image",
                     "strength": "--strength", "resize_mode": "--resize-mode"}
@@ -96,8 +97,8 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool = False) -> No
 
     p.add_argument("prompt", nargs="*", help="text prompt(s); each makes --num-images images")
     p.add_argument("--from-file", metavar="FILE", help=".txt (one prompt per line) or .jsonl/.csv with per-row prompt, "
-                   "negative_prompt, seed, steps, guidance_scale, guidance_rescale, scheduler, eta, width, height, "
-                   "clip_skip, num_images" + (", strength, init_image" if img2img else ""))
+                   "negative_prompt, seed, steps, guidance_scale, guidance_rescale, guidance_cutoff, scheduler, eta, "
+                   "width, height, clip_skip, num_images" + (", strength, init_image" if img2img else ""))
     p.add_argument("--replay", metavar="IMAGE.png", help="regenerate an image from the metadata it carries (sampling "
                    "options are taken from it; runtime and model options may be given)")
     add_model_args(p)
@@ -107,6 +108,10 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool = False) -> No
     g.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     g.add_argument("--guidance-scale", "--cfg", type=float, help="classifier-free guidance scale; 1 skips the unconditional pass (default: the model's)")
     g.add_argument("--guidance-rescale", type=float, help="CFG rescale φ (Lin et al. 2023) in [0, 1] (default: 0 = off)")
+    g.add_argument("--guidance-cutoff", type=float, metavar="FRACTION",
+                   help="guidance only at timesteps >= FRACTION × the schedule's length (1000): the less noisy steps "
+                   "run the prompt alone, without the negative prompt; in [0, 1], 0 = every step (default: the "
+                   "model's)")
     g.add_argument("--scheduler", choices=list(SCHEDULERS), metavar="NAME", help=f"sampler: {', '.join(SCHEDULERS)} (default: the model's)")
     g.add_argument("--eta", type=float, help=f"DDIM stochasticity η >= 0 (default: 0); only for --scheduler "
                    f"{'/'.join(ETA_SCHEDULERS)}")

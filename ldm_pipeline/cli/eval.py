@@ -28,6 +28,8 @@ def build_parser(prog: str = "ldm eval") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale (default: the model's)")
+    p.add_argument("--guidance-cutoff", type=float, metavar="FRACTION",
+                   help="CFG only at timesteps >= FRACTION × the schedule's length, in [0, 1] (default: the model's)")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), metavar="NAME", help="sampler (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument("--recolour", type=int, default=40, help="img2img recolour edits to score (0 = skip)")
@@ -53,13 +55,15 @@ def run(args: argparse.Namespace) -> int:
                                                     model_config=args.model_config, lora=args.lora,
                                                     lora_scale=args.lora_scale))
     settings = EvalSettings(seeds_per_prompt=args.seeds_per_prompt, seed=args.seed, num_inference_steps=args.steps,
-                            guidance_scale=args.guidance_scale, scheduler=args.scheduler,
-                            batch_size=args.batch_size, recolour_prompts=args.recolour,
+                            guidance_scale=args.guidance_scale, guidance_cutoff=args.guidance_cutoff,
+                            scheduler=args.scheduler, batch_size=args.batch_size, recolour_prompts=args.recolour,
                             recolour_strength=args.strength, max_prompts_per_set=args.max_prompts)
     result = run_eval(gen, settings, progress=not args.quiet)
     report = {"model": gen.info.name, "model_hash": gen.info.hash, "settings": vars(settings) | {
         "num_inference_steps": settings.num_inference_steps or gen.defaults.num_inference_steps,
         "guidance_scale": settings.guidance_scale if settings.guidance_scale is not None else gen.defaults.guidance_scale,
+        "guidance_cutoff": (settings.guidance_cutoff if settings.guidance_cutoff is not None
+                            else gen.defaults.guidance_cutoff),
         "scheduler": settings.scheduler or gen.defaults.scheduler}, **result.to_dict()}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(result.to_markdown() + "\n")

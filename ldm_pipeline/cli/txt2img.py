@@ -27,9 +27,9 @@ def build_parser(prog: str = "ldm txt2img", img2img: bool = False) -> argparse.A
 
 # flag → the setting whose rule (`ldm_pipeline.pipeline.check_setting`) it follows
 FLAG_SETTINGS = {"steps": "num_inference_steps", "guidance_scale": "guidance_scale",
-                 "guidance_rescale": "guidance_rescale", "eta": "eta", "seed": "seed", "num_images": "num_images",
-                 "batch_size": "batch_size", "height": "height", "width": "width", "clip_skip": "clip_skip",
-                 "strength": "strength"}
+                 "guidance_rescale": "guidance_rescale", "guidance_cutoff": "guidance_cutoff", "eta": "eta",
+                 "seed": "seed", "num_images": "num_images", "batch_size": "batch_size", "height": "height",
+                 "width": "width", "clip_skip": "clip_skip", "strength": "strength"}
 
 
 def check_args(args: argparse.Namespace, img2img: bool) -> None:
@@ -76,6 +76,7 @@ def jobs_from_args(args: argparse.Namespace, img2img: bool, base_seed: int) -> l
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         guidance_rescale=args.guidance_rescale,
+        guidance_cutoff=args.guidance_cutoff,
         scheduler=args.scheduler,
         eta=args.eta,
         height=args.height,
@@ -114,8 +115,10 @@ def jobs_from_record(record: dict) -> list:
     from ldm_pipeline.pipeline import Job
 
     keys = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "guidance_rescale",
-            "scheduler", "eta", "clip_skip", "strength", "init_image", "resize_mode")
+            "guidance_cutoff", "scheduler", "eta", "clip_skip", "strength", "init_image", "resize_mode")
     base = Job(**{k: record[k] for k in keys if k in record})
+    if base.guidance_cutoff is None:  # recorded before the option existed: every step was guided
+        base.guidance_cutoff = 0.0
     base.height, base.width = record["height"], record["width"]
     batch = record.get("batch")
     if batch:

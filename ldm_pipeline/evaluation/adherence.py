@@ -18,6 +18,7 @@ class EvalSettings:
     seed: int = 0
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_cutoff: float | None = None
     scheduler: str | None = None
     batch_size: int = 16
     recolour_strength: float = 0.6
@@ -108,7 +109,8 @@ def run_eval(generator, settings: EvalSettings, progress: bool = True, tmp_dir: 
         for _ in range(settings.seeds_per_prompt):
             jobs.append(Job(p, seed=settings.seed + len(jobs), index=len(jobs),
                             num_inference_steps=settings.num_inference_steps,
-                            guidance_scale=settings.guidance_scale, scheduler=settings.scheduler))
+                            guidance_scale=settings.guidance_scale, guidance_cutoff=settings.guidance_cutoff,
+                            scheduler=settings.scheduler))
     pairs = []
     with tqdm(total=len(jobs), desc="eval txt2img", unit="img", disable=not progress) as bar:
         for r in generator.generate(jobs, batch_size=settings.batch_size):
@@ -139,7 +141,8 @@ def run_eval(generator, settings: EvalSettings, progress: bool = True, tmp_dir: 
             rec_jobs.append(Job(canonical_prompt(target, pred.shape, pred.background), seed=settings.seed + n,
                                 index=n, init_image=str(path), strength=settings.recolour_strength,
                                 num_inference_steps=settings.num_inference_steps,
-                                guidance_scale=settings.guidance_scale, scheduler=settings.scheduler))
+                                guidance_scale=settings.guidance_scale, guidance_cutoff=settings.guidance_cutoff,
+                                scheduler=settings.scheduler))
             meta.append((pred, target))
         with tqdm(total=len(rec_jobs), desc="eval img2img", unit="img", disable=not progress) as bar:
             for r in generator.generate(rec_jobs, batch_size=settings.batch_size):

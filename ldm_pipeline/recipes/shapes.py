@@ -202,6 +202,13 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
         with _timed(out, times, "unet"):  # an interrupted run's steps (and latent caching) are kept: they count
             train(tcfg)
 
+    # the sampling defaults are settings, not weights: an edited `defaults:` of the model config reaches the
+    # trained model (and so its evaluation) without training again
+    from ldm_pipeline.models import write_defaults
+
+    if write_defaults(final, spec.defaults):
+        _log(f"sampling defaults of {final}: {dataclasses.asdict(spec.defaults)}")
+
     # 6. evaluation
     t = time.perf_counter()
     scores, evaluated = _evaluate(r, final, out / "eval")  # reused when model and eval settings are unchanged
@@ -337,8 +344,10 @@ def model_card(r: ShapesRecipe, metrics: dict[str, Any]) -> str:
         "```",
         "",
         f"Sampling defaults (used when no flag says otherwise): {defaults['scheduler']}, "
-        f"{defaults['num_inference_steps']} steps, CFG {defaults['guidance_scale']}, "
-        f"{defaults['width']}x{defaults['height']}.",
+        f"{defaults['num_inference_steps']} steps, CFG {defaults['guidance_scale']}"
+        + (f" at timesteps >= {defaults['guidance_cutoff']:g} of the schedule (the less noisy steps run the prompt "
+           "alone, `--guidance-cutoff`)" if defaults.get("guidance_cutoff") else "")
+        + f", {defaults['width']}x{defaults['height']}.",
         "",
         "## How it was made",
         "",
