@@ -378,10 +378,10 @@ class Generator:
         pipe.scheduler = self._scheduler(first.scheduler)
         guidance, callback = first.guidance_scale, {}
         if first.guidance_cutoff and guidance > 1:
-            threshold = first.guidance_cutoff * pipe.scheduler.config.num_train_timesteps
-            if self._first_timestep(first) < threshold:  # every step is below the cut-off: no guided step
+            if self.unguided_start(first) is not None:  # every step is below the cut-off: no guided step
                 guidance = 1.0
             else:
+                threshold = first.guidance_cutoff * pipe.scheduler.config.num_train_timesteps
                 callback = dict(callback_on_step_end=guidance_cutoff_callback(threshold),
                                 callback_on_step_end_tensor_inputs=["prompt_embeds"])
         common = dict(
@@ -408,14 +408,17 @@ class Generator:
             results.append(Result(j, im, rec))
         return results
 
-    def _first_timestep(self, job: Job) -> float:
-        """The timestep of a resolved job's first denoising step (img2img starts part-way, see diffusers'
-        ``get_timesteps``)."""
+    def unguided_start(self, job: Job) -> int | None:
+        """The timestep of a resolved job's first denoising step when its guidance cut-off leaves no step guided
+        (img2img starts part-way, see diffusers' ``get_timesteps``: at strength 0.3, near t = 300), else None."""
+        if not job.guidance_cutoff or job.guidance_scale <= 1:
+            return None
         sched = self._scheduler(job.scheduler)
         steps = job.num_inference_steps
         sched.set_timesteps(steps)
         skipped = steps - img2img_step_count(steps, job.strength) if job.init_image is not None else 0
-        return float(sched.timesteps[skipped * sched.order])
+        first = int(sched.timesteps[skipped * sched.order])
+        return first if first < job.guidance_cutoff * sched.config.num_train_timesteps else None
 
     def generate(self, jobs: Iterable[Job], batch_size: int = 1) -> Iterator[Result]:
         """Resolve, batch and run jobs, yielding each Result as soon as its batch is done."""

@@ -90,6 +90,17 @@ def test_replay_of_a_record_from_before_guidance_cutoff_guides_every_step(genera
     assert jobs_from_record(rec)[0].guidance_cutoff == 0.0
 
 
+def test_img2img_below_the_guidance_cutoff_says_no_step_is_guided(tiny_model, tmp_path, capsys):
+    Image.new("RGB", (64, 64), (40, 80, 220)).save(tmp_path / "in.png")
+    args = ["img2img", "a red square", "--init-image", str(tmp_path / "in.png"), "--model", str(tiny_model), "-q",
+            "--seed", "1", "--steps", "10", "--guidance-scale", "5", "--outdir", str(tmp_path / "o")]
+    assert ldm_main(args + ["--strength", "0.3", "--guidance-cutoff", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "the first step (timestep 201) is already below the guidance cut-off 0.5: no step is guided" in err, err
+    assert ldm_main(args + ["--strength", "0.8", "--guidance-cutoff", "0.5"]) == 0
+    assert "no step is guided" not in capsys.readouterr().err
+
+
 def test_img2img_end_to_end_and_replay(tiny_model, tmp_path):
     src = tmp_path / "src"
     src.mkdir()

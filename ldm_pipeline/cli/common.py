@@ -109,9 +109,9 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool = False) -> No
     g.add_argument("--guidance-scale", "--cfg", type=float, help="classifier-free guidance scale; 1 skips the unconditional pass (default: the model's)")
     g.add_argument("--guidance-rescale", type=float, help="CFG rescale φ (Lin et al. 2023) in [0, 1] (default: 0 = off)")
     g.add_argument("--guidance-cutoff", type=float, metavar="FRACTION",
-                   help="guidance only at timesteps >= FRACTION × the schedule's length (1000): the less noisy steps "
-                   "run the prompt alone, without the negative prompt; in [0, 1], 0 = every step (default: the "
-                   "model's)")
+                   help="guidance only at timesteps >= FRACTION × the scheduler's training timesteps (1000 for SD): "
+                   "the less noisy steps run the prompt alone, without the negative prompt or CFG rescale; in [0, 1], "
+                   "0 = every step (default: the model's)")
     g.add_argument("--scheduler", choices=list(SCHEDULERS), metavar="NAME", help=f"sampler: {', '.join(SCHEDULERS)} (default: the model's)")
     g.add_argument("--eta", type=float, help=f"DDIM stochasticity η >= 0 (default: 0); only for --scheduler "
                    f"{'/'.join(ETA_SCHEDULERS)}")

@@ -228,7 +228,14 @@ def generate_and_save(gen, jobs: list, args: argparse.Namespace, outdir: Path, s
     from ldm_pipeline.pipeline import save_png
 
     jobs = [gen.resolve(j) for j in jobs]  # settings errors (size, steps × strength …) before any progress bar
-    show = not args.quiet and (state is None or state.is_local_main_process)
+    main_process = state is None or state.is_local_main_process
+    for j in jobs:
+        if main_process and (start := gen.unguided_start(j)) is not None:
+            print(f"warning: the first step (timestep {start}) is already below the guidance cut-off "
+                  f"{j.guidance_cutoff:g}: no step is guided, so the CFG scale and the negative prompt have no effect "
+                  "(--guidance-cutoff 0 guides every step)", file=sys.stderr)
+            break
+    show = not args.quiet and main_process
     total = len(keep) if keep is not None else len(jobs)
     bar = tqdm(total=total, unit="img", desc="generating", disable=not show, dynamic_ncols=True, file=sys.stderr)
     saved: list[tuple[int, Path, object]] = []
