@@ -377,13 +377,12 @@ class Generator:
         pipe = self.img2img_pipe if img2img else self.pipe
         pipe.scheduler = self._scheduler(first.scheduler)
         guidance, callback = first.guidance_scale, {}
-        if first.guidance_cutoff and guidance > 1:
-            if self.unguided_start(first) is not None:  # every step is below the cut-off: no guided step
-                guidance = 1.0
-            else:
-                threshold = first.guidance_cutoff * pipe.scheduler.config.num_train_timesteps
-                callback = dict(callback_on_step_end=guidance_cutoff_callback(threshold),
-                                callback_on_step_end_tensor_inputs=["prompt_embeds"])
+        if self.unguided_start(first) is not None:  # every step is below the cut-off: no guided step
+            guidance = 1.0
+        elif first.guidance_cutoff and guidance > 1:
+            threshold = first.guidance_cutoff * pipe.scheduler.config.num_train_timesteps
+            callback = dict(callback_on_step_end=guidance_cutoff_callback(threshold),
+                            callback_on_step_end_tensor_inputs=["prompt_embeds"])
         common = dict(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,

@@ -29,7 +29,8 @@ def build_parser(prog: str = "ldm eval") -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale (default: the model's)")
     p.add_argument("--guidance-cutoff", type=float, metavar="FRACTION",
-                   help="CFG only at timesteps >= FRACTION × the schedule's length, in [0, 1] (default: the model's)")
+                   help="CFG only at timesteps >= FRACTION × the scheduler's training timesteps, in [0, 1] "
+                   "(default: the model's)")
     p.add_argument("--scheduler", choices=list(SCHEDULERS), metavar="NAME", help="sampler (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument("--recolour", type=int, default=40, help="img2img recolour edits to score (0 = skip)")
