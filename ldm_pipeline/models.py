@@ -38,6 +38,8 @@ class GenerationDefaults:
     guidance_scale: float = 7.5
     guidance_cutoff: float = 0.0  # classifier-free guidance only at timesteps >= this fraction of the schedule
     scheduler: str = "ddim"
+    # prompts that show what this model can draw: training's validation prompts default to them
+    example_prompts: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -1,0 +1,42 @@
+"""Optional dependencies (pyproject's extras): one place that says which ``pip install`` brings each one, so a
+missing extra is a one-line error naming the command to run, not an ImportError traceback."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ldm_pipeline.errors import UserError
+
+# importable module → the extra that installs it
+EXTRA_OF: dict[str, str] = {
+    "peft": "train",
+    "webdataset": "train",
+    "braceexpand": "train",  # webdataset's shard-list expansion
+    "pyarrow": "train",
+    "fsspec": "train",
+    "tokenizers": "train",
+    "tensorboard": "train",
+}
+
+
+def install_hint(module: str) -> str:
+    extra = EXTRA_OF.get(module.split(".")[0])
+    return f"pip install 'ldm_pipeline[{extra}]'" if extra else f"pip install {module.split('.')[0]}"
+
+
+def require(module: str, feature: str) -> ModuleType:
+    """Import `module` for `feature` (e.g. "training"), or raise a UserError naming the pip install to run."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        missing = getattr(e, "name", None) or module
+        raise UserError(f"{feature} needs the '{missing.split('.')[0]}' package, which is not installed: "
+                        f"run {install_hint(missing)}") from None
+
+
+def missing(feature_modules: tuple[str, ...]) -> list[str]:
+    """The modules of `feature_modules` that cannot be imported here (without importing the rest twice)."""
+    import importlib.util
+
+    return [m for m in feature_modules if importlib.util.find_spec(m) is None]
