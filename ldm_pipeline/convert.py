@@ -19,12 +19,12 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ldm_pipeline.errors import UserError
+from ldm_pipeline.files import make_temp_file, ordinary_modes
 
 # Written here because diffusers installs only LDM → diffusers; its reverse is a repo script pip does not install.
 
@@ -372,13 +372,13 @@ def _versions() -> dict[str, str]:
 def _write_atomically(tensors: dict[str, Any], metadata: dict[str, str], output: Path, overwrite: bool, save) -> None:
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.tmp-", dir=output.parent)
+        fd, tmp = make_temp_file(output.parent, prefix=f".{output.name}.tmp-")
     except OSError as e:
         raise UserError(f"cannot write to {output.parent}: {e.strerror or e}") from None
     os.close(fd)
-    tmp = Path(tmp_name)
     try:
         save(tensors, str(tmp), metadata=metadata)
+        ordinary_modes(tmp)  # safetensors writes through a private temporary of its own
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if output.exists() and not overwrite:  # appeared while we were converting

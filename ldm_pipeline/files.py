@@ -32,3 +32,14 @@ def make_temp_file(parent: str | Path, prefix: str) -> tuple[int, Path]:
     fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
     os.fchmod(fd, 0o666 & ~current_umask())
     return fd, Path(name)
+
+
+def ordinary_modes(root: str | Path) -> None:
+    """Give `root` and everything under it the modes mkdir/open would under the umask. Libraries' own savers
+    (transformers' ``save_pretrained`` writes its safetensors through a private 0600 temporary) leave files that
+    only their owner can read."""
+    mask = current_umask()
+    root = Path(root)
+    for path in [root, *(root.rglob("*") if root.is_dir() else ())]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)

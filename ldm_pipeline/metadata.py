@@ -37,7 +37,12 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         fields.append(("CFG cutoff", _num(record["guidance_cutoff"])))
     if record.get("batch"):
         fields += [("Batch size", record["batch"]["size"]), ("Batch pos", record["batch"]["position"])]
-    lines = [record["prompt"]]
+    loras = [x for x in record.get("lora") or [] if x.get("name")]
+    if loras and any(x.get("autov3") for x in loras):
+        fields.append(("Lora hashes", ", ".join(f"{x['name']}: {x['autov3']}" for x in loras if x.get("autov3"))))
+    # A1111 keeps the LoRAs in the prompt as <lora:NAME:WEIGHT> tags; ours come from --lora, so they are added here
+    tags = "".join(f" <lora:{x['name']}:{_num(record.get('lora_scale') or 0)}>" for x in loras)
+    lines = [record["prompt"] + tags]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
@@ -59,7 +64,7 @@ def png_info(record: dict[str, Any]):
 
     info = PngInfo()
     info.add_text(A1111_KEY, a1111_parameters(record))
-    info.add_text(JSON_KEY, json.dumps({"format": FORMAT_VERSION, **record}, sort_keys=True))
+    info.add_text(JSON_KEY, json.dumps({"format": FORMAT_VERSION, **record}, sort_keys=True, allow_nan=False))
     return info
 
 

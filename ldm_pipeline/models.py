@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ldm_pipeline.config import from_dict, load_yaml, resolve_config_path
 from ldm_pipeline.errors import UserError
+from ldm_pipeline.files import make_temp_dir, ordinary_modes
 from ldm_pipeline.tokenizer import load_tokenizer
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -129,12 +129,12 @@ def write_defaults(folder: Path, defaults: GenerationDefaults) -> bool:
 def save_pipeline(pipe, output: str | Path, defaults: GenerationDefaults | None = None, overwrite: bool = False) -> Path:
     """Save a pipeline as a diffusers folder in safetensors, written to a temporary name and renamed into place."""
     output = Path(output)
-    parent = _ensure(output.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=parent))
+    tmp = make_temp_dir(output.parent, prefix=f".{output.name}.tmp-")
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if defaults is not None:
             write_defaults(tmp, defaults)
+        ordinary_modes(tmp)
         if output.exists():
             if not overwrite:
                 raise UserError(f"{output} already exists: pass --overwrite to replace it")
@@ -295,7 +295,7 @@ def _config_folder_from_metadata(path: Path) -> Path | None:
 
 def _write_config_folder(out: Path, unet: dict, vae: dict, text_encoder: dict, tokenizer: str, scheduler: dict,
                          defaults: GenerationDefaults) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=_ensure(out.parent)))
+    tmp = make_temp_dir(out.parent, prefix=f".{out.name}-")
     for name, cfg in (("unet", unet), ("vae", vae)):
         _ensure(tmp / name)
         (tmp / name / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -322,7 +322,9 @@ def _write_config_folder(out: Path, unet: dict, vae: dict, text_encoder: dict, t
     return out
 
 
-SHIPPED_MODEL = ASSETS / "models" / "shapes"  # trained by `ldm recipe shapes --package`
+SHIPPED_MODELS: dict[str, Path] = {"shapes": ASSETS / "models" / "shapes"}  # trained by `ldm recipe shapes --package`
+SHIPPED_MODEL = SHIPPED_MODELS["shapes"]  # the default --model
+CONFIG_PREFIX = "config:"  # `--model config:NAME`: random weights from configs/models/NAME.yaml, said explicitly
 
 
 def default_model() -> str | None:
@@ -334,11 +336,42 @@ def default_model() -> str | None:
 
 
 def resolve_model(model: str | None) -> str:
-    """The model to load: the given one, or the default; a one-line error if there is neither."""
+    """The model to load: the given one, or the default; a one-line error if there is neither. A shipped model's
+    name (``shapes``) means its folder, unless a file or folder of that name exists here (a path always wins)."""
     model = model or default_model()
     if not model:
         raise UserError("no model given: pass --model (a diffusers folder, a .safetensors file or a hub id)")
+    if model in SHIPPED_MODELS and not Path(model).expanduser().exists():
+        folder = SHIPPED_MODELS[model]
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"the shipped model '{model}' is missing from this installation ({folder}): reinstall "
+                            "ldm_pipeline")
+        return str(folder)
     return model
+
+
+def shipped_name(path: Path) -> str | None:
+    """The name of a shipped model whose folder `path` is, else None."""
+    path = path.resolve()
+    return next((name for name, folder in SHIPPED_MODELS.items() if folder.resolve() == path), None)
+
+
+# folder names ldm train / ldm recipe give every run: on their own they say nothing about which model it is
+_RUN_FOLDER_NAMES = ("final", "final_raw", "final_ema", "pipeline", "pipeline_ema")
+
+
+def display_name(path: Path) -> str:
+    """A model folder's name for people (A1111's ``Model:``): a shipped model's name, or the folder name, prefixed
+    with the run's folder for what ``ldm train`` writes (``runs/cats/final`` → ``cats-final``,
+    ``runs/cats/checkpoint-300/pipeline`` → ``cats-checkpoint-300``)."""
+    path = path.resolve()
+    if name := shipped_name(path):
+        return name
+    if path.name == "pipeline" and path.parent.name.startswith("checkpoint-"):
+        path = path.parent
+    if path.name in _RUN_FOLDER_NAMES or path.name.startswith("checkpoint-"):
+        return f"{path.parent.name}-{path.name}"
+    return path.name
 
 
 def load_pipeline(
@@ -385,13 +418,22 @@ def load_pipeline(
             pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot load model folder {path}: {_first_line(e)}") from None
-        return pipe, ModelInfo(model, "folder", folder_hash(path)[:10], _read_defaults(path, pipe), str(path.resolve()))
-    if path.suffix in (".yaml", ".yml") or (not path.exists() and _is_config_name(model)):
-        spec = load_model_spec(model)
+        return pipe, ModelInfo(display_name(path), "folder", folder_hash(path)[:10], _read_defaults(path, pipe),
+                               str(path.resolve()))
+    if model.startswith(CONFIG_PREFIX) or path.suffix in (".yaml", ".yml"):
+        arch = model.removeprefix(CONFIG_PREFIX)
+        if not Path(arch).expanduser().is_file() and not _is_config_name(arch):
+            raise UserError(f"no architecture config '{arch}': use a configs/models name "
+                            f"({', '.join(config_names())}) or a .yaml path")
+        spec = load_model_spec(arch)
         pipe = pipeline_from_components(build_components(spec, seed))
         if torch_dtype is not None:
             pipe.to(dtype=torch_dtype)
-        return pipe, ModelInfo(model, "config", f"seed{seed}", spec.defaults, str(path.resolve() if path.exists() else model))
+        where = str(Path(arch).expanduser().resolve()) if Path(arch).expanduser().is_file() else model
+        return pipe, ModelInfo(model, "config", f"seed{seed}", spec.defaults, where)
+    if not path.exists() and _is_config_name(model):
+        raise UserError(f"'{model}' is an architecture (configs/models/{model}.yaml) with no trained weights: pass "
+                        f"--model {CONFIG_PREFIX}{model} to build it with random weights, or a model folder or file")
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES or path.is_file():
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
@@ -456,9 +498,14 @@ def _hub_hash(pipe) -> str:
 
 
 def _is_config_name(name: str) -> bool:
+    return name in config_names()
+
+
+def config_names() -> list[str]:
+    """The architectures under configs/models (``--model config:NAME``)."""
     from ldm_pipeline.config import config_dir
 
-    return (config_dir() / "models" / f"{name}.yaml").is_file()
+    return sorted(p.stem for p in (config_dir() / "models").glob("*.yaml"))
 
 
 def _looks_like_hub_id(model: str) -> bool:

@@ -189,6 +189,33 @@ def guidance_cutoff_callback(threshold: float):
     return callback
 
 
+def _chain(callbacks: list):
+    """Several ``callback_on_step_end`` functions as one (diffusers takes a single callable)."""
+
+    def callback(pipe, i: int, t, kwargs: dict) -> dict:
+        for cb in callbacks:
+            kwargs = cb(pipe, i, t, kwargs)
+        return kwargs
+
+    return callback
+
+
+class NonFiniteImageError(UserError):
+    """Sampling produced NaN or infinite values: the image would be black or noise, so it is not saved."""
+
+
+def check_finite(arrays, batch: list[Job]) -> None:
+    """Refuse a batch whose decoded images hold NaN/inf (diffusers would write them as black PNGs)."""
+    import numpy as np
+
+    bad = [j for j, a in zip(batch, arrays) if not np.isfinite(a).all()]
+    if bad:
+        j = bad[0]
+        raise NonFiniteImageError(
+            f"the image for seed {j.seed} came out as NaN/inf (scheduler {j.scheduler}, {j.num_inference_steps} steps, "
+            f"CFG {j.guidance_scale:g}): nothing was saved for it; try another --scheduler or --steps, or --dtype fp32")
+
+
 class Generator:
     """A loaded model ready to make images: ``Generator.load(model).txt2img(jobs)``."""
 
@@ -227,6 +254,8 @@ class Generator:
         pipe, info = load_pipeline(
             model, torch_dtype=dtype, allow_pickle=options.allow_pickle, model_config=options.model_config
         )
+        if pipe.unet.dtype != dtype:  # a diffusers that ignored the dtype argument: cast, so the record is true
+            pipe.to(dtype=dtype)
         for path in options.lora:
             load_lora(pipe, path, allow_pickle=options.allow_pickle)
         if options.lora:
@@ -364,8 +393,9 @@ class Generator:
         if batch:
             yield batch
 
-    def run_batch(self, batch: list[Job], init_images: list | None = None) -> list[Result]:
-        """Generate one batch of resolved jobs (same settings) → one Result per job."""
+    def run_batch(self, batch: list[Job], init_images: list | None = None, on_step=None) -> list[Result]:
+        """Generate one batch of resolved jobs (same settings) → one Result per job; a batch that comes out NaN or
+        infinite is a `NonFiniteImageError` (nothing is returned for it, so nothing of it is saved)."""
         import torch
 
         first = batch[0]
@@ -376,13 +406,22 @@ class Generator:
         img2img = first.init_image is not None
         pipe = self.img2img_pipe if img2img else self.pipe
         pipe.scheduler = self._scheduler(first.scheduler)
-        guidance, callback = first.guidance_scale, {}
+        guidance, callbacks, tensor_inputs = first.guidance_scale, [], []
         if self.unguided_start(first) is not None:  # every step is below the cut-off: no guided step
             guidance = 1.0
         elif first.guidance_cutoff and guidance > 1:
             threshold = first.guidance_cutoff * pipe.scheduler.config.num_train_timesteps
-            callback = dict(callback_on_step_end=guidance_cutoff_callback(threshold),
-                            callback_on_step_end_tensor_inputs=["prompt_embeds"])
+            callbacks.append(guidance_cutoff_callback(threshold))
+            tensor_inputs.append("prompt_embeds")
+        if on_step is not None:
+            def report(_pipe, _i, _t, kwargs: dict) -> dict:
+                on_step(batch)
+                return kwargs
+
+            callbacks.append(report)
+        callback = {}
+        if callbacks:
+            callback = dict(callback_on_step_end=_chain(callbacks), callback_on_step_end_tensor_inputs=tensor_inputs)
         common = dict(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
@@ -391,13 +430,15 @@ class Generator:
             guidance_rescale=first.guidance_rescale,
             eta=first.eta,
             generator=generators,
-            output_type="pil",
+            output_type="np",  # checked for NaN/inf, then made PIL as diffusers' "pil" output does
             **callback,
         )
         if img2img:
-            images = pipe(image=init_images, strength=first.strength, **common).images
+            arrays = pipe(image=init_images, strength=first.strength, **common).images
         else:
-            images = pipe(height=first.height, width=first.width, **common).images
+            arrays = pipe(height=first.height, width=first.width, **common).images
+        check_finite(arrays, batch)
+        images = pipe.image_processor.numpy_to_pil(arrays)
         members = [_member(m) for m in batch] if len(batch) > 1 else None  # once per batch: it hashes init images
         results = []
         for pos, (j, im) in enumerate(zip(batch, images)):
@@ -406,6 +447,17 @@ class Generator:
                 rec["batch"] = {"size": len(batch), "position": pos, "members": members}
             results.append(Result(j, im, rec))
         return results
+
+    def step_count(self, job: Job) -> int:
+        """Denoising steps (UNet passes of the pipeline's loop) a resolved job runs: a second-order sampler runs
+        about twice its --steps, img2img only its tail (diffusers' ``get_timesteps``)."""
+        sched = self._scheduler(job.scheduler)
+        sched.set_timesteps(job.num_inference_steps)
+        total = len(sched.timesteps)
+        if job.init_image is not None:
+            skipped = job.num_inference_steps - img2img_step_count(job.num_inference_steps, job.strength)
+            total -= skipped * sched.order
+        return total
 
     def unguided_start(self, job: Job) -> int | None:
         """The timestep of a resolved job's first denoising step when its guidance cut-off leaves no step guided
@@ -419,8 +471,9 @@ class Generator:
         first = int(sched.timesteps[skipped * sched.order])
         return first if first < job.guidance_cutoff * sched.config.num_train_timesteps else None
 
-    def generate(self, jobs: Iterable[Job], batch_size: int = 1) -> Iterator[Result]:
-        """Resolve, batch and run jobs, yielding each Result as soon as its batch is done."""
+    def generate(self, jobs: Iterable[Job], batch_size: int = 1, on_step=None) -> Iterator[Result]:
+        """Resolve, batch and run jobs, yielding each Result as soon as its batch is done. `on_step(batch)` is
+        called after each denoising step (a progress bar's hook; `step_count` says how many a job has)."""
         if problem := check_setting("batch_size", batch_size):
             raise UserError(f"batch size {problem}")
         resolved = [self.resolve(j) for j in jobs]
@@ -437,9 +490,9 @@ class Generator:
                 for i, j in enumerate(batch):
                     groups.setdefault((j.width, j.height), []).append(i)
                 for idx in groups.values():
-                    yield from self.run_batch([batch[i] for i in idx], [init_images[i] for i in idx])
+                    yield from self.run_batch([batch[i] for i in idx], [init_images[i] for i in idx], on_step)
             else:
-                yield from self.run_batch(batch)
+                yield from self.run_batch(batch, on_step=on_step)
 
     def txt2img(self, prompt: str | list[str], **settings) -> list:
         """Python API: images for one or more prompts (settings as in `Job`, plus ``num_images``, ``batch_size``)."""
@@ -483,7 +536,7 @@ class Generator:
                 "path": self.info.path,
                 "config": self.options.model_config,
             },
-            "lora": [{"path": str(Path(p).resolve()), "hash": _path_hash(p)} for p in self.options.lora],
+            "lora": [lora_record(p) for p in self.options.lora],
             "lora_scale": self.options.lora_scale if self.options.lora else None,
             "dtype": self.options.dtype,
             "device_type": self.device.split(":")[0],
@@ -547,10 +600,55 @@ def _path_hash(path: str) -> str:
     return (folder_hash(p) if p.is_dir() else file_sha256(p))[:10]
 
 
+def lora_record(path: str) -> dict[str, Any]:
+    """A LoRA as the PNG records it: its path and hash (replay), and the name and AutoV3 hash A1111 writes in
+    ``<lora:NAME:W>`` and ``Lora hashes``."""
+    from ldm_pipeline.models import display_name
+
+    p = Path(path).resolve()
+    weights = p
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        weights = files[0] if files else None
+    if weights is None or weights.stem == "pytorch_lora_weights":  # diffusers' default file name says nothing
+        name = display_name(p if p.is_dir() else p.parent)
+    else:
+        name = weights.stem
+    rec = {"path": str(p), "hash": _path_hash(path), "name": name}
+    if weights is not None and weights.suffix == ".safetensors":
+        rec["autov3"] = safetensors_autov3(weights)[:12]
+    return rec
+
+
+def safetensors_autov3(path: Path) -> str:
+    """A1111's LoRA hash ("AutoV3", kohya's addnet hash): sha256 of a .safetensors file after its JSON header, so
+    editing the metadata does not change it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header_len)
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# diffusers' bookkeeping of which config values were defaulted: a list built from a set, so its order changes from
+# one process to the next; it says nothing about the image
+_UNRECORDED_CONFIG_KEYS = ("_use_default_values",)
+
+
 def _jsonable(d: dict) -> dict:
+    """A scheduler config as strict JSON (no NaN/Infinity: JavaScript's JSON.parse refuses them) that is the same
+    bytes in every process."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, (str, int, float, bool)) or v is None:
+        if k in _UNRECORDED_CONFIG_KEYS:
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k] = str(v)  # "inf", "-inf", "nan"
+        elif isinstance(v, (str, int, float, bool)) or v is None:
             out[k] = v
         elif isinstance(v, (list, tuple)):
             out[k] = [x if isinstance(x, (str, int, float, bool)) or x is None else str(x) for x in v]

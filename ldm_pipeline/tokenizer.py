@@ -10,11 +10,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from ldm_pipeline.errors import UserError
+from ldm_pipeline.files import make_temp_dir
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CACHE_DIR = Path(os.environ.get("LDM_PIPELINE_CACHE", Path.home() / ".cache" / "ldm_pipeline"))
@@ -93,7 +93,7 @@ def clip_tokenizer_dir(name: str = "clip-vit-large-patch14") -> Path:
     alphabet = list(bytes_to_unicode().values())
     vocab = alphabet + [v + "</w>" for v in alphabet] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=_mkdir(out.parent)))
+    tmp = make_temp_dir(out.parent, prefix=".tok-")
     (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), "utf-8")
     (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
     pad = "!" if name.endswith("-pad0") else "<|endoftext|>"
@@ -118,8 +118,3 @@ def load_tokenizer(name_or_path: str):
             raise UserError(f"tokenizer '{name_or_path}' not found: pass a folder or clip-vit-large-patch14")
         path = clip_tokenizer_dir(name_or_path)
     return CLIPTokenizer.from_pretrained(path)
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path

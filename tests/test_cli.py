@@ -355,3 +355,57 @@ def test_seed_minus_one_is_random_and_seeds_wrap_at_2_64(tiny_model, tmp_path):
     assert ldm_main(["txt2img", "x", "--model", str(tiny_model), "--seed", str(2**64 - 1), "--num-images", "2",
                      "--steps", "1", "--outdir", str(out), "-q"]) == 0
     assert {"00001-18446744073709551615.png", "00002-0.png"} <= set(pngs(out))
+
+
+def test_nan_image_exits_2_with_one_line_and_writes_nothing(tiny_model, tmp_path, capsys, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    orig = UNet2DConditionModel.forward
+
+    def nan_forward(self, *a, **k):
+        out = orig(self, *a, **k)
+        out[0][:] = float("nan")
+        return out
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", nan_forward)
+    out = tmp_path / "o"
+    rc = ldm_main(["txt2img", "a cat", "--model", str(tiny_model), "--steps", "2", "--seed", "3", "--outdir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "invalid value" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "ldm txt2img: error: the image for seed 3 came out as NaN/inf (scheduler ddim, 2 steps, CFG 7.5): nothing was "
+        "saved for it; try another --scheduler or --steps, or --dtype fp32")
+    assert list(out.iterdir()) == []
+
+
+def test_progress_counts_denoising_steps(tiny_model, tmp_path, capsys):
+    assert ldm_main(["txt2img", "a cat", "--model", str(tiny_model), "--steps", "3", "--num-images", "2",
+                     "--outdir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "6/6" in err and "step" in err and "image 2/2" in err, err  # 2 images x 3 steps, not 0/1 for minutes
+
+
+def test_a_lora_used_is_in_the_a1111_text(tiny_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from ldm_pipeline.models import load_pipeline
+
+    pipe, _ = load_pipeline(str(tiny_model))
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "inkstyle", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    weights = tmp_path / "inkstyle" / "pytorch_lora_weights.safetensors"
+    assert ldm_main(["txt2img", "a cat", "--model", str(tiny_model), "--steps", "2", "--seed", "1", "-q",
+                     "--lora", str(weights), "--lora-scale", "0.7", "--outdir", str(tmp_path / "o")]) == 0
+    (png,) = (tmp_path / "o").glob("*.png")
+    params = Image.open(png).info["parameters"]
+    data = weights.read_bytes()
+    autov3 = __import__("hashlib").sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    assert params.splitlines()[0] == "a cat <lora:inkstyle:0.7>"  # A1111's tag for a LoRA in the prompt
+    assert f'Lora hashes: "inkstyle: {autov3}"' in params
+    rec = json.loads(Image.open(png).info["ldm_pipeline"])
+    assert rec["prompt"] == "a cat"  # the tag is A1111's spelling, not part of what was encoded
+    assert ldm_main(["txt2img", "--replay", str(png), "--outdir", str(tmp_path / "o"), "-q"]) == 0
+    first, again = sorted((tmp_path / "o").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))

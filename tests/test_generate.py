@@ -405,3 +405,59 @@ def test_grid_of_mixed_sizes_is_not_stretched():
     blue = np.argwhere((a == (0, 0, 255)).all(axis=-1))
     assert len(blue) == 16 * 16  # the small image keeps its 16x16 pixels, centred in its cell
     assert blue.min(axis=0).tolist() == [8, 88] and (a[:, :64] == (255, 0, 0)).all()
+
+
+def test_nan_latents_are_refused_not_saved_as_black(generator, monkeypatch):
+    from ldm_pipeline.pipeline import NonFiniteImageError
+
+    unet = generator.pipe.unet
+    orig = unet.forward
+
+    def nan_unet(sample, *a, **k):
+        out = orig(sample, *a, **k)
+        out[0][:] = float("nan")  # the pipeline asks for return_dict=False: a tuple
+        return out
+
+    monkeypatch.setattr(unet, "forward", nan_unet)
+    with pytest.raises(NonFiniteImageError, match="seed 5 came out as NaN/inf"):
+        one(generator, seed=5)
+
+
+@pytest.mark.parametrize("settings", [{"scheduler": "euler"}, {"scheduler": "heun"},
+                                      {"scheduler": "dpm++2m", "init_image": "IMG", "strength": 0.5}])
+def test_progress_hook_sees_every_denoising_step(generator, settings, tmp_path):
+    if settings.get("init_image"):
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "i.png")
+        settings = {**settings, "init_image": str(tmp_path / "i.png")}
+    jobs = [generator.resolve(Job(PROMPT, seed=i, index=i, num_inference_steps=6, **settings)) for i in range(2)]
+    seen = []
+    list(generator.generate(jobs, batch_size=2, on_step=lambda batch: seen.append(len(batch))))
+    assert sum(seen) == sum(generator.step_count(j) for j in jobs)  # the progress bar's total is what runs
+    assert set(seen) == {2}  # one call per step of the batch, which moves both images
+    expected = {"euler": 6, "heun": 11, "dpm++2m": 3}[settings["scheduler"]]  # heun: 2 passes a step; img2img: the tail
+    assert generator.step_count(jobs[0]) == expected
+
+
+def test_the_record_says_the_dtype_that_ran(tiny_model, monkeypatch):
+    import ldm_pipeline.models as models
+    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+
+    real = models.load_pipeline
+    # an older diffusers ignored `dtype=` and loaded fp32 while the PNG said bf16
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, torch_dtype=None, **k: real(*a, **k))
+    gen = Generator.load(str(tiny_model), RuntimeOptions(device="cpu", dtype="bf16"))
+    assert gen.pipe.unet.dtype == torch.bfloat16 and gen.pipe.text_encoder.dtype == torch.bfloat16
+    rec = next(gen.generate([Job(PROMPT, seed=1, num_inference_steps=2)])).record
+    assert rec["dtype"] == "bf16"
+
+
+def test_the_json_record_is_strict_json(generator):
+    import json
+
+    from ldm_pipeline.metadata import png_info
+
+    rec = next(generator.generate([Job(PROMPT, seed=1, num_inference_steps=2, scheduler="dpm++2m")])).record
+    png_info(rec)  # dumps the record with allow_nan=False: raises on NaN/Infinity
+    text = json.dumps(rec, allow_nan=False)
+    assert "_use_default_values" not in text  # diffusers' set-ordered bookkeeping: different bytes per process
+    assert rec["scheduler_config"]["lambda_min_clipped"] == "-inf"

@@ -46,10 +46,55 @@ def test_clip_tokenizer_matches_openai_ids():
 
 
 def test_config_yaml_model_builds_random_weights():
-    pipe, info = load_pipeline("tiny", seed=3)
+    pipe, info = load_pipeline("config:tiny", seed=3)
     assert info.source == "config" and pipe.unet.config.sample_size == 16
-    pipe2, _ = load_pipeline("tiny", seed=3)
+    pipe2, _ = load_pipeline(str(config_dir() / "models" / "tiny.yaml"), seed=3)  # a .yaml path is explicit too
     assert torch.equal(next(pipe.unet.parameters()), next(pipe2.unet.parameters()))
+
+
+def test_a_bare_architecture_name_never_stands_in_for_trained_weights():
+    # `--model tiny` used to build random weights without a word; a user who meant a model gets noise
+    with pytest.raises(UserError, match="no trained weights: pass --model config:tiny"):
+        load_pipeline("tiny")
+    with pytest.raises(UserError, match="no architecture config 'nope'"):
+        load_pipeline("config:nope")
+
+
+def test_the_shipped_model_has_a_name_and_a_local_path_wins(tmp_path, monkeypatch, tiny_model):
+    from ldm_pipeline.models import SHIPPED_MODEL, resolve_model
+
+    assert resolve_model("shapes") == str(SHIPPED_MODEL)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").symlink_to(tiny_model)  # a folder the user has called shapes is what they mean
+    assert resolve_model("shapes") == "shapes"
+
+
+def test_run_folders_get_names_that_say_which_run(tmp_path):
+    from ldm_pipeline.models import SHIPPED_MODEL, display_name
+
+    assert display_name(SHIPPED_MODEL) == "shapes"
+    assert display_name(tmp_path / "cats" / "final") == "cats-final"
+    assert display_name(tmp_path / "cats" / "checkpoint-300" / "pipeline") == "cats-checkpoint-300"
+    assert display_name(tmp_path / "my-model") == "my-model"
+
+
+def test_written_models_and_exports_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from ldm_pipeline.convert import export_single_file
+    from ldm_pipeline.models import init_model
+
+    old = os.umask(0o022)
+    try:
+        folder = init_model("tiny", tmp_path / "m", seed=0)
+        export_single_file(str(folder), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+    assert {m for p, m in modes.items() if (tmp_path / p).is_dir()} == {0o755}, modes  # mkdtemp gave 0700
+    assert {m for p, m in modes.items() if (tmp_path / p).is_file()} == {0o644}, modes
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644  # mkstemp gave 0600
 
 
 def test_folder_loads_in_plain_diffusers_and_carries_defaults(tiny_model):

@@ -236,18 +236,20 @@ def generate_and_save(gen, jobs: list, args: argparse.Namespace, outdir: Path, s
                   "(--guidance-cutoff 0 guides every step)", file=sys.stderr)
             break
     show = not args.quiet and main_process
-    total = len(keep) if keep is not None else len(jobs)
-    bar = tqdm(total=total, unit="img", desc="generating", disable=not show, dynamic_ncols=True, file=sys.stderr)
+    n_images = len(keep) if keep is not None else len(jobs)
+    # counts denoising steps of every image (a batch's step advances each of its images), so a slow image moves
+    bar = tqdm(total=sum(gen.step_count(j) for j in jobs), unit="step", desc=f"image 1/{n_images}",
+               disable=not show, dynamic_ncols=True, file=sys.stderr)
     saved: list[tuple[int, Path, object]] = []
     try:
-        for result in gen.generate(jobs, batch_size=batch_size or args.batch_size):
+        for result in gen.generate(jobs, batch_size=batch_size or args.batch_size, on_step=lambda b: bar.update(len(b))):
             if keep is not None and result.job.index not in keep:
                 continue
             name = f"{start_number + result.job.index:05d}-{result.job.seed}.png"
             path = save_png(result.image, outdir / name, result.record)
             saved.append((result.job.index, path, result.image))
+            bar.set_description(f"image {min(len(saved) + 1, n_images)}/{n_images}", refresh=False)
             print(path, flush=True)
-            bar.update(1)
     except KeyboardInterrupt:
         bar.close()
         print(f"interrupted: {len(saved)} finished image(s) kept in {outdir}", file=sys.stderr)

@@ -7,7 +7,7 @@ Stages (each skipped when its output already exists, so an interrupted recipe co
   4. init       the model folder: random UNet + text encoder sized to the tokenizer, the trained VAE
   5. unet       ``ldm train``: UNet and text encoder jointly, latents cached
   6. eval       ``ldm eval``: prompt adherence (held-in / held-out), DPM++ 2M vs DDIM, img2img recolour
-  7. package    the final folder (fp16 safetensors), with a model card, optionally copied into the package
+  7. package    the final folder (fp32 safetensors), with a model card, optionally copied into the package
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
     if evaluated:
         _add_time(out, times, "eval", time.perf_counter() - t, replace=True)
 
-    # 7. the model card, fp16 weights and (optionally) the copy into the package
+    # 7. the model card, fp32 weights and (optionally) the copy into the package
     total = sum(times.values())
     metrics = {"vae": vae_metrics, "scores": scores, "seconds": {**times, "total": total}}
     packaged = _package(r, final, out / "model", metrics)
@@ -296,13 +296,12 @@ def _evaluate(r: ShapesRecipe, model: Path, out: Path) -> tuple[dict[str, Any], 
 
 
 def _package(r: ShapesRecipe, final: Path, model_dir: Path, metrics: dict[str, Any]) -> Path:
-    """fp16 safetensors copy of the final model with a model card; into the package when `r.package`."""
-    import torch
-
+    """safetensors copy of the final model with a model card; into the package when `r.package`. fp32, so plain
+    ``StableDiffusionPipeline.from_pretrained(folder)`` runs it on a CPU with default arguments (fp16 weights
+    there fail with "mat1 and mat2 must have the same dtype")."""
     from ldm_pipeline.models import DEFAULTS_FILE, SHIPPED_MODEL, load_pipeline, save_pipeline
 
     pipe, info = load_pipeline(str(final))
-    pipe.to(dtype=torch.float16)
     save_pipeline(pipe, model_dir, defaults=info.defaults, overwrite=True)
     (model_dir / "README.md").write_text(model_card(r, metrics))
     if (final / DEFAULTS_FILE).is_file():
