@@ -1,4 +1,5 @@
-"""Training data: LAION-style captioned images (webdataset tars, parquet, image folders, HF datasets) as batches.
+"""Training data: captioned images (webdataset tars, parquet, image folders with metadata or kohya-style caption
+files, HF datasets) as batches; docs/data_formats.md describes each layout.
 
 Usage in a training loop (rank and world_size come from accelerate)::
 

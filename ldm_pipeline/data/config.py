@@ -28,9 +28,9 @@ class DataConfig:
     """Training data: source, decoding, filters, transforms, caption handling and loader settings."""
 
     source: str = ""  # directory, glob, brace range (shards/{00000..00099}.tar), URL (s3://, pipe:…) or HF name
-    format: DataFormat = "auto"  # auto detects from the source; set it when detection guesses wrong
+    format: DataFormat = "auto"  # auto detects the layout (docs/data_formats.md); set it when detection guesses wrong
     image_column: str | None = None  # parquet/HF column holding image bytes; None = jpg/png/webp/image/img
-    caption_column: str | None = None  # column / tar extension holding the caption; None = txt/caption/text
+    caption_column: str | None = None  # column / tar or caption-file extension of the caption; None = txt/caption/text
     hf_split: str = "train"  # split of a Hugging Face dataset
     resolution: int = 512  # training side length (square crops) or target area side (bucketing)
     center_crop: bool = True  # False = random crop

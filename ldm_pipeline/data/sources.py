@@ -7,10 +7,15 @@
 * an image folder with ``metadata.jsonl``/``metadata.csv`` (diffusers imagefolder: ``file_name`` + text column),
   cut into byte ranges of the metadata file: startup reads only its first rows (a CSV is scanned once for record
   boundaries, nothing is parsed or kept), each shard reads its own range when it is iterated;
+* an image folder without metadata, each image captioned by a same-name file beside it (kohya-ss/sd-scripts'
+  DreamBooth layout: ``NAME.png`` + ``NAME.txt`` or ``NAME.caption``, in subfolders too, ``N_name`` subfolders
+  repeated N times per epoch): the file names are listed once at startup and cut into ranges of the sorted list,
+  captions are read with their images;
 * a Hugging Face dataset by name, streamed (``streaming=True``; needs the optional ``datasets`` package).
 
 A row that cannot be read (malformed JSON, a JSON value that is not an object, a CSV row without ``file_name``) is
-a sample skipped as ``bad_metadata``, never the end of its shard.
+a sample skipped as ``bad_metadata``, never the end of its shard; so is a caption file that cannot be read
+(``unreadable_caption``).
 
 A shard yields ``(index, RawSample)`` in a deterministic order: shuffled from a seed string, starting at any index
 without reading what comes before it (streamed URLs must read past it, but nothing is decoded). Every sample carries
@@ -28,6 +33,7 @@ import os
 import random
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,6 +496,177 @@ class MetadataShard(Shard):
         return {o: self.table.sample(self.shard_id, o, self.table.read_at(o)) for o in items}
 
 
+# caption files beside the images, in the order tried (kohya's caption_extension: .caption by default, .txt in the
+# GUI and most guides)
+CAPTION_EXTS = ("txt", "caption")
+# a subfolder of the data folder named N_name (kohya's DreamBooth layout): its images count N times per epoch, and
+# "name" (kohya's class tokens) captions those without a caption file
+REPEAT_FOLDER = re.compile(r"(\d+)_(.*)")
+# images per caption-folder shard: at least MIN (small folders give one shard, split by sample between readers), at
+# most MAX (one shard's list of samples, expanded by repeats and shuffled when it is read)
+CAPTION_FOLDER_CHUNK = (256, 8192)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"  # .DS_Store, .git, macOS zip debris (__MACOSX/._x.jpg)
+
+
+def _is_image_name(name: str) -> bool:
+    return "." in name and name.rsplit(".", 1)[1].lower() in IMAGE_EXTS and not _hidden(name)
+
+
+def _walk_images(root: Path, caption_exts: tuple[str, ...]) -> Iterator[tuple[str, bool]]:
+    """(path relative to `root` in POSIX form, whether a caption file is beside it) of every image under `root`,
+    hidden files and folders left out, in no particular order. Symlinked folders are followed, each real folder once
+    (a link cycle ends)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+        rel = Path(dirpath).relative_to(root)
+        names = set(filenames)
+        for name in filenames:
+            if _is_image_name(name):
+                stem = name.rsplit(".", 1)[0]
+                yield (rel / name).as_posix(), any(f"{stem}.{ext}" in names for ext in caption_exts)
+
+
+def _has_images(root: Path) -> bool:
+    return next(_walk_images(root, ()), None) is not None
+
+
+def _caption_text(data: bytes) -> tuple[str, bool]:
+    """(text, whether it was valid UTF-8) of a caption file; a UTF-8 BOM is dropped, UTF-16 (with its BOM) read."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # Windows Notepad's "Unicode"
+        return data.decode("utf-16", errors="replace"), True
+    try:
+        return data.decode("utf-8-sig"), True
+    except UnicodeDecodeError:
+        return data.decode("utf-8-sig", errors="replace"), False
+
+
+class CaptionFolder:
+    """Images with same-name caption files beside them (kohya-ss/sd-scripts' DreamBooth layout), found recursively.
+
+    Startup lists the folder once and keeps the sorted relative paths (the sample order does not depend on the file
+    system's); captions are read with their images. Kohya's rules: the caption is the first line of ``NAME.txt``
+    (else ``NAME.caption``) without surrounding whitespace; a subfolder ``N_name`` directly inside the root counts
+    its images N times per epoch (``0_name``: not used) and "name" is the caption of those whose caption file is
+    missing or empty. Other images without a caption are ``no_caption`` samples, like the metadata folder's.
+    """
+
+    def __init__(self, root: Path, caption_ext: str | None):
+        self.root = root
+        self.caption_exts = (caption_ext.lstrip("."),) if caption_ext else CAPTION_EXTS
+        listed = sorted(_walk_images(root, self.caption_exts))
+        if not listed:
+            raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) in it or its subfolders; give the folder "
+                            "holding NAME.png + NAME.txt pairs")
+        self.repeats: dict[str, int] = {}  # top-level subfolder -> N, for N_name folders
+        self.class_tokens: dict[str, str] = {}
+        for top in sorted({rel.split("/", 1)[0] for rel, _ in listed if "/" in rel}):
+            m = REPEAT_FOLDER.fullmatch(top)
+            if m:
+                self.repeats[top], self.class_tokens[top] = int(m[1]), m[2].strip()
+        kept = [(rel, captioned) for rel, captioned in listed if self.repeat(rel) > 0]
+        if not kept:
+            raise UserError(f"{root}: every image is in a 0_name folder (0 repeats); rename the folders N_name with "
+                            "N >= 1")
+        self.paths = [rel for rel, _ in kept]
+        self._log_startup(len(listed), [rel for rel, captioned in kept if not captioned and not self._tokens(rel)])
+
+    def _log_startup(self, found: int, uncaptioned: list[str]) -> None:
+        import logging
+
+        log = logging.getLogger("ldm_pipeline.data")
+        if self.repeats:
+            counts = Counter(self._top(rel) for rel in self.paths)
+            log.info("%s: images per epoch from N_name folders: %s", self.root,
+                     ", ".join(f"{top} {counts[top]} x {n}" for top, n in self.repeats.items() if n))
+            for top, n in self.repeats.items():
+                if n >= 1000:  # a year or date (2023_trip) read as a repeat count
+                    log.warning("%s/%s: %d repeats per epoch (kohya's N_name prefix); rename the folder if that is "
+                                "not a repeat count", self.root, top, n)
+        if uncaptioned:  # all of them: plain images, e.g. for train-vae (text-to-image training stops: no_caption)
+            level = logging.WARNING if len(uncaptioned) < len(self.paths) else logging.INFO
+            log.log(level, "%s: %d of %d images have no caption file (%s beside NAME.png, e.g. %s): they are "
+                    "skipped as no_caption unless data.allow_empty_captions is set", self.root, len(uncaptioned),
+                    len(self.paths), " or ".join(f"NAME.{e}" for e in self.caption_exts), uncaptioned[0])
+        if found > len(self.paths):
+            log.info("%s: %d images in 0_name folders are not used", self.root, found - len(self.paths))
+
+    @staticmethod
+    def _top(rel: str) -> str | None:
+        return rel.split("/", 1)[0] if "/" in rel else None
+
+    def repeat(self, rel: str) -> int:
+        """How many times the image at `rel` counts per epoch."""
+        return self.repeats.get(self._top(rel), 1)
+
+    def _tokens(self, rel: str) -> str:
+        return self.class_tokens.get(self._top(rel), "")
+
+    def ranges(self, min_shards: int) -> list[tuple[int, int]]:
+        """Index ranges [start, stop) of the sorted paths, about len / min_shards each (within the chunk bounds)."""
+        lo, hi = CAPTION_FOLDER_CHUNK
+        n = len(self.paths)
+        chunk = min(hi, max(lo, math.ceil(n / max(1, min_shards))))
+        return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+    def read_caption(self, rel: str, stats: DataStats | None = None) -> tuple[str | None, str | None]:
+        """(caption, skip reason) of the image at `rel`: the first caption file's first line, else class tokens."""
+        stem = str(self.root / rel).rsplit(".", 1)[0]
+        caption = ""
+        for ext in self.caption_exts:
+            try:
+                data = Path(f"{stem}.{ext}").read_bytes()
+            except FileNotFoundError:
+                continue
+            except OSError:  # permissions, a folder by that name: this sample only
+                return None, "unreadable_caption"
+            text, valid = _caption_text(data)
+            if not valid and stats is not None:
+                stats.note("caption_not_utf8")
+            caption = re.split(r"\r\n|\r|\n", text, maxsplit=1)[0].strip()  # kohya reads the first line only
+            break
+        return caption or self._tokens(rel) or None, None
+
+    def sample(self, shard_id: int, rel: str, copy: int, stats: DataStats | None = None) -> RawSample:
+        """Repeat `copy` of the image at `rel`; copies have their own keys, so their own crops, flips and dropout."""
+        caption, skip = self.read_caption(rel, stats)
+        key = rel if copy == 0 else f"{rel}#{copy}"
+        return RawSample(key, [shard_id, [rel, copy]], str(self.root / rel), caption, {}, skip)
+
+
+class CaptionFolderShard(Shard):
+    """A range of a caption folder's sorted images, each image as many times as its folder repeats it."""
+
+    def __init__(self, folder: CaptionFolder, shard_id: int, start: int, stop: int):
+        self.folder, self.shard_id, self.start, self.stop = folder, shard_id, start, stop
+        self.name = f"{folder.root.name}[{start}:{stop}]"
+
+    def entries(self) -> list[tuple[int, int]]:
+        """(path index, copy) in stored order: every image once, then the second copies, and so on."""
+        counts = [self.folder.repeat(self.folder.paths[i]) for i in range(self.start, self.stop)]
+        return [(self.start + k, copy) for copy in range(max(counts, default=0))
+                for k, n in enumerate(counts) if copy < n]
+
+    def iterate(self, seed, start, want, stats):
+        entries = self.entries()
+        order = _permutation(len(entries), seed)
+        for j in range(start, len(entries)):
+            if want is None or want(j):
+                i, copy = entries[order[j]]
+                yield j, self.folder.sample(self.shard_id, self.folder.paths[i], copy, stats)
+
+    def fetch(self, items):
+        return {(rel, copy): self.folder.sample(self.shard_id, rel, copy) for rel, copy in items}
+
+
 def _load_hf_stream(name: str, split: str, image_column: str | None, caption_column: str | None):
     """(streaming dataset, image column, caption column), images kept encoded (decode=False) until used."""
     try:
@@ -595,7 +772,10 @@ def detect_format(spec: str, files: list[str]) -> str:
             return "webdataset"  # img2dataset webdataset output also has metadata-only parquet files beside
         if any(root.glob("*.parquet")):
             return "parquet"
-        raise UserError(f"{spec}: no *.tar, *.parquet or metadata.jsonl/metadata.csv found; set data.format")
+        if _has_images(root):
+            return "imagefolder"  # captions in NAME.txt files beside the images (kohya)
+        raise UserError(f"{spec}: no *.tar, *.parquet, metadata.jsonl/metadata.csv or images (NAME.png + NAME.txt) "
+                        "found in it; give the folder holding the data, or set data.format")
     if not files:
         if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec) and not spec.startswith("."):
             return "hf"
@@ -613,7 +793,8 @@ def open_sources(spec: str, format: str = "auto", image_column: str | None = Non
                  min_shards: int = 1, shuffle_buffer: int = 1000, hf_split: str = "train") -> list[Shard]:
     """The shards of a data source. Lists files but opens no tar; parquet footers are read only when there are
     fewer files than `min_shards` (then row groups become shards); image-folder metadata is cut into byte ranges
-    (`MetadataFile`); a Hugging Face dataset is streamed, one shard per data file.
+    (`MetadataFile`), an image folder without metadata into ranges of its listed images (`CaptionFolder`); a Hugging
+    Face dataset is streamed, one shard per data file.
     """
     if not spec:
         raise UserError("no training data given: set data.source (directory, glob, brace range, URL or HF name)")
@@ -632,9 +813,12 @@ def open_sources(spec: str, format: str = "auto", image_column: str | None = Non
         return _parquet_shards(files, image_column, caption_column, min_shards)
     if fmt == "imagefolder":
         root = Path(files[0]) if files else Path(spec)
+        if not root.is_dir():
+            raise UserError(f"{spec}: an image folder source must be a directory")
         metadata = _find_metadata(root)
-        if metadata is None:
-            raise UserError(f"{spec}: image folder needs metadata.jsonl or metadata.csv (file_name + text columns)")
+        if metadata is None:  # no metadata file: captions in files beside the images
+            folder = CaptionFolder(root, caption_column)
+            return [CaptionFolderShard(folder, i, a, b) for i, (a, b) in enumerate(folder.ranges(min_shards))]
         table = MetadataFile(metadata.parent, metadata, caption_column)
         return [MetadataShard(table, i, a, b) for i, (a, b) in enumerate(table.ranges(min_shards))]
     if fmt == "hf":
