@@ -10,6 +10,7 @@ Commands (``ldm COMMAND --help`` for each):
   make-shapes  write the synthetic shapes dataset (img2dataset-layout shards)
   eval         score prompt adherence in the shapes domain (txt2img and img2img recolour)
   recipe       a whole multi-stage training recipe (shapes: the shipped model)
+  doctor       versions, devices and the shipped model's place, for bug reports
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-shapes": ("ldm_pipeline.cli.make_shapes", "write the synthetic shapes dataset as webdataset shards"),
     "eval": ("ldm_pipeline.cli.eval", "score prompt adherence of a model in the shapes domain"),
     "recipe": ("ldm_pipeline.cli.recipe", "run a whole training recipe (shapes: the shipped model) as one command"),
+    "doctor": ("ldm_pipeline.cli.doctor", "print versions, devices and known problems, for bug reports"),
 }
 
 
