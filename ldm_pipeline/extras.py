@@ -40,3 +40,9 @@ def missing(feature_modules: tuple[str, ...]) -> list[str]:
     import importlib.util
 
     return [m for m in feature_modules if importlib.util.find_spec(m) is None]
+
+
+def require_all(modules: tuple[str, ...], feature: str) -> None:
+    """Check up front, before any work or output, that every module `feature` needs is importable."""
+    if gone := missing(modules):
+        raise UserError(f"{feature} needs the '{gone[0]}' package, which is not installed: run {install_hint(gone[0])}")

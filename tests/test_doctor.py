@@ -33,3 +33,15 @@ def test_doctor_warns_about_a_library_outside_the_declared_range(capsys, monkeyp
     monkeypatch.setattr(doctor, "installed", lambda dist: "0.30.0" if dist == "diffusers" else real(dist))
     assert ldm_main(["doctor"]) == 1
     assert "diffusers 0.30.0 is outside what ldm_pipeline needs: diffusers>=" in capsys.readouterr().out
+
+
+def test_a_missing_extra_is_one_line_naming_the_pip_install(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    assert ldm_main(["make-shapes", "--output", str(tmp_path / "d"), "--num-samples", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("ldm make-shapes: error: ldm make-shapes needs the 'pyarrow' package, which is not installed: run "
+                   "pip install 'ldm_pipeline[train]'")
+    assert not (tmp_path / "d").exists()
