@@ -339,7 +339,7 @@ class Generator:
         if self._img2img is None:
             from diffusers import StableDiffusionImg2ImgPipeline
 
-            self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components)
+            self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 

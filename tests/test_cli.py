@@ -263,11 +263,11 @@ def test_interrupt_keeps_finished_images(tiny_model, tmp_path, monkeypatch, caps
     calls = {"n": 0}
     orig = pl.Generator.run_batch
 
-    def flaky(self, batch, init_images=None):
+    def flaky(self, batch, init_images=None, on_step=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return orig(self, batch, init_images)
+        return orig(self, batch, init_images, on_step)
 
     monkeypatch.setattr(pl.Generator, "run_batch", flaky)
     rc = ldm_main(["txt2img", "x", "--model", str(tiny_model), "--num-images", "5", "--steps", "2", "--seed", "0",
