@@ -3,7 +3,8 @@
   ldm train --config sd15_finetune --model runwayml/stable-diffusion-v1-5 --data 'shards/{00000..00099}.tar' \\
       --output-dir runs/sd15-ft
   ldm train --config sd15_lora --model sd15.safetensors --data shards/ --output-dir runs/lora --lora-rank 8
-  ldm train --config tiny_test --model tiny --data fixtures/ --output-dir runs/tiny max_steps=30 data.random_flip=true
+  ldm train --config tiny_test --model config:tiny --data fixtures/ --output-dir runs/tiny max_steps=30 \\
+      data.random_flip=true                                   # config:NAME: random weights, configs/models/NAME.yaml
   ldm train --config tiny_test ... --resume latest            # continue after a crash or preemption
   accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m ldm_pipeline train --config ...
   torchrun --nproc_per_node 8 -m ldm_pipeline train --config ...
@@ -17,6 +18,7 @@ loss_curve.png, metrics.json, train_config.yaml. Exit codes: 0 done, 2 bad input
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from ldm_pipeline.cli.common import Parser, run_main
@@ -26,7 +28,8 @@ def build_parser(prog: str = "ldm train") -> argparse.ArgumentParser:
     p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config field, e.g. lora.rank=8 data.random_flip=true")
     p.add_argument("--config", help="training YAML, or a name under configs/train (sd15_finetune, sd15_lora, tiny_test)")
-    p.add_argument("--model", help="diffusers folder, checkpoint folder, .safetensors, configs/models YAML or hub id")
+    p.add_argument("--model", help="diffusers folder, checkpoint folder, .safetensors, hub id, shipped model (shapes) "
+                   "or config:NAME (random weights from configs/models/NAME.yaml)")
     p.add_argument("--data", help="training data: tar shards (dir, glob, brace range, URL), parquet, image folder, HF name")
     p.add_argument("--data-format", choices=["auto", "webdataset", "parquet", "imagefolder", "hf"], help="data layout (default: auto)")
     p.add_argument("--output-dir", help="where checkpoints, samples, logs and the final model go")
@@ -35,6 +38,9 @@ def build_parser(prog: str = "ldm train") -> argparse.ArgumentParser:
     p.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per optimizer step (default 4)")
     p.add_argument("--resolution", type=int, help="training image side in pixels (default 512)")
     p.add_argument("--learning-rate", "--lr", type=float, help="peak learning rate (default 1e-5 full, 1e-4 LoRA)")
+    p.add_argument("--lr-warmup-steps", type=int, metavar="N",
+                   help="optimizer steps of linear warm-up from 0 to the peak rate (default 10%% of --max-steps, at "
+                        "most 500); one not shorter than the run is kept, with a warning")
     p.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints (default 500)")
     p.add_argument("--validate-every", type=int, help="optimizer steps between sample grids; 0 = off (default 500)")
     p.add_argument("--seed", type=int, help="seed of noise, timesteps and random model init (default 0)")
@@ -57,7 +63,8 @@ def config_from_args(args: argparse.Namespace):
     flags = {
         "model": args.model, "output_dir": args.output_dir, "max_steps": args.max_steps,
         "batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "learning_rate": args.learning_rate, "checkpoint_every": args.checkpoint_every,
+        "learning_rate": args.learning_rate, "lr_warmup_steps": args.lr_warmup_steps,
+        "checkpoint_every": args.checkpoint_every,
         "validate_every": args.validate_every, "seed": args.seed, "resume": args.resume, "overwrite": args.overwrite,
         "cache_latents": args.cache_latents, "train_text_encoder": args.train_text_encoder,
         "mixed_precision": args.mixed_precision, "report_to": args.report_to, "progress_bar": args.progress_bar,
@@ -69,14 +76,26 @@ def config_from_args(args: argparse.Namespace):
     return load_train_config(args.config, flags, parse_overrides(args.overrides))
 
 
-def show_data_warnings(prog: str) -> None:
-    """The data layer's warnings (an unreadable shard or parquet file) as one line each on stderr; its per-worker
-    INFO lines stay quiet (the loop prints the merged data summary after each epoch and at the end)."""
-    import logging
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment, not the one of its first run: `main` runs in-process again and again
+    (tests, notebooks), and a stream swapped out since (pytest's capture) may be closed."""
 
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def show_data_warnings(prog: str) -> None:
+    """The library's warnings (an unreadable shard or parquet file, a warm-up longer than the run) as one line each
+    on stderr; the data layer's per-worker INFO lines stay quiet (the loop prints the merged data summary after each
+    epoch and at the end)."""
     log = logging.getLogger("ldm_pipeline")
     if not any(getattr(h, "ldm_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setLevel(logging.WARNING)
         handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
         handler.ldm_cli = True

@@ -1,7 +1,7 @@
 """ldm train-vae: train the autoencoder (stage 1 of a latent diffusion model) and measure it.
 
   ldm train-vae --data shapes/ --output-dir runs/shapes-vae                  # configs/train/shapes_vae.yaml
-  ldm train-vae --data shapes/ --output-dir runs/vae --model shapes --max-steps 300 kl_weight=1e-5
+  ldm train-vae --data shapes/ --output-dir runs/vae --model config:shapes --max-steps 300 kl_weight=1e-5
   ldm train-vae --data 'shards/{00000..00009}.tar' --eval-data heldout/ --output-dir runs/vae --resume latest
 
 The last shard of --data is held out (or --eval-data is): PSNR and the latent scaling factor (1/std of

@@ -1,10 +1,12 @@
 """Training: `train(config)` fine-tunes, LoRA-trains or trains from scratch a latent diffusion model (accelerate).
 
     from ldm_pipeline.training import load_train_config, train
-    result = train(load_train_config("tiny_test", {"model": "tiny", "output_dir": "runs/t", "data": {"source": "shards"}}))
+    result = train(load_train_config("tiny_test", {"model": "config:tiny", "output_dir": "runs/t",
+                                                   "data": {"source": "shards"}}))
 
 Modules: config (TrainConfig), loop (train), checkpoints (atomic save, latest, limit, resume), caching (latent and
-text-embedding cache), validation (sample grids, loss curve), lora (peft adapters), losses (noise, targets, min-SNR).
+text-embedding cache), validation (sample grids, loss curve), lora (peft adapters), losses (noise, targets, min-SNR),
+packages (the optional packages a run needs, checked up front).
 """
 
 from ldm_pipeline.training.config import TrainConfig, load_train_config

@@ -45,17 +45,24 @@ class EMASettings:
     power: float = 0.75  # 3/4 suits runs under ~200k steps (see EMAModel's docstring)
 
 
+# validation prompts for a model that names none of its own (GenerationDefaults.example_prompts)
+GENERIC_VALIDATION_PROMPTS = ["a photograph of an astronaut riding a horse",
+                              "a watercolor painting of a fox in a snowy forest"]
+
+
 @dataclass
 class ValidationSettings:
-    """Sample grids during training, through the same Generator as `ldm txt2img`."""
+    """Sample grids during training, through the same Generator as `ldm txt2img`. Each field left None takes the
+    model's own default (its ldm_defaults.json / configs/models `defaults:`), so the grid shows what
+    `ldm txt2img --model OUTPUT_DIR/final` will draw; the run logs the values used."""
 
-    prompts: list[str] = field(default_factory=lambda: ["a photograph of an astronaut riding a horse",
-                                                        "a watercolor painting of a fox in a snowy forest"])
+    # None = the model's example prompts, else GENERIC_VALIDATION_PROMPTS; [] = no sample grids
+    prompts: list[str] | None = None
     seed: int = 0  # image i of the grid uses seed + i, the same at every validation
-    num_inference_steps: int = 25
-    guidance_scale: float | None = None  # None = the model's default
-    scheduler: str | None = None  # None = the model's default sampler
-    height: int | None = None  # None = data.resolution
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    height: int | None = None
     width: int | None = None
 
 
@@ -63,7 +70,8 @@ class ValidationSettings:
 class TrainConfig:
     """One training run. Per-process batch size times processes times accumulation = samples per optimizer step."""
 
-    model: str = ""  # what `ldm txt2img --model` accepts: folder, checkpoint, .safetensors, configs/models YAML, hub id
+    # what `ldm txt2img --model` accepts: folder, checkpoint, .safetensors, hub id, shipped name, config:NAME (random)
+    model: str = ""
     data: DataConfig = field(default_factory=DataConfig)  # images + captions (ldm_pipeline.data)
     output_dir: str = ""  # checkpoints, samples, logs and the final model go here
     # --- what to train
@@ -79,7 +87,10 @@ class TrainConfig:
     text_encoder_learning_rate: float | None = None
     scale_lr: bool = False  # multiply the learning rate by batch_size * accumulation * processes
     lr_scheduler: str = "constant_with_warmup"  # one of LR_SCHEDULERS (diffusers.optimization.get_scheduler)
-    lr_warmup_steps: int = 500  # optimizer steps of linear warm-up
+    # optimizer steps of linear warm-up from 0 (not for constant); None = 10 % of max_steps, at most 500 (a resumed
+    # run keeps its own). One not shorter than the run never reaches the peak rate: honoured with a warning when
+    # given (an error for warmup_stable_decay, whose decay would never start)
+    lr_warmup_steps: int | None = None
     lr_num_cycles: int = 1  # cosine_with_restarts
     lr_power: float = 1.0  # polynomial
     # warmup_stable_decay: the constant rate's last lr_decay_steps steps fall to 0 along a half cosine, so a run
@@ -153,7 +164,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     c = dataclasses.replace(config, lora=dataclasses.replace(config.lora), ema=dataclasses.replace(config.ema),
                             validation=dataclasses.replace(config.validation), data=dataclasses.replace(config.data))
     if not c.model:
-        raise UserError("no model given: pass --model (a diffusers folder, checkpoint, .safetensors, or configs/models YAML)")
+        raise UserError("no model given: pass --model (a diffusers folder, checkpoint, .safetensors, hub id, or "
+                        "config:NAME for random weights from configs/models)")
     if not c.data.source:
         raise UserError("no training data given: pass --data (webdataset tars, parquet, an image folder or a HF dataset)")
     if not c.output_dir:
@@ -168,13 +180,17 @@ def resolve(config: TrainConfig) -> TrainConfig:
         c.learning_rate = 1e-4 if lora else 1e-5
     if c.ema.enabled is None:
         c.ema.enabled = not lora
+    if c.lr_warmup_steps is None:
+        resumed = _resumed_warmup_steps(c)
+        c.lr_warmup_steps = (resumed if resumed is not None else
+                             0 if c.lr_scheduler == "constant" else default_warmup_steps(c.max_steps))
     if lora and c.train_text_encoder:
         c.lora.text_encoder = True  # --train-text-encoder with LoRA means adapters on the text encoder
     for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_bad_steps", "cache_batch_size",
                  "log_every"):
         if getattr(c, name) < 1:
             raise UserError(f"{name} must be at least 1 (got {getattr(c, name)})")
-    for name in ("checkpoint_every", "validate_every", "lr_warmup_steps"):
+    for name in ("checkpoint_every", "validate_every", "lr_warmup_steps", "lr_decay_steps"):
         if getattr(c, name) < 0:
             raise UserError(f"{name} must be >= 0 (got {getattr(c, name)})")
     if c.lr_scheduler not in LR_SCHEDULERS:
@@ -244,14 +260,54 @@ def _check_ranges(c: TrainConfig) -> None:
     need(c.lr_num_cycles >= 1, "lr_num_cycles", "at least 1", c.lr_num_cycles)
     need(c.lr_power > 0, "lr_power", "positive", c.lr_power)
     if c.lr_scheduler == "warmup_stable_decay":
-        need(0 < c.lr_decay_steps <= c.max_steps - c.lr_warmup_steps, "lr_decay_steps",
-             f"in [1, max_steps - lr_warmup_steps = {c.max_steps - c.lr_warmup_steps}] for warmup_stable_decay",
-             c.lr_decay_steps)
+        need(c.lr_decay_steps > 0, "lr_decay_steps", "at least 1 for warmup_stable_decay", c.lr_decay_steps)
+        if c.lr_warmup_steps + c.lr_decay_steps > c.max_steps:
+            raise UserError(f"lr_decay_steps {c.lr_decay_steps} + lr_warmup_steps {c.lr_warmup_steps} must fit in "
+                            f"max_steps {c.max_steps} for warmup_stable_decay (else its decay never ends): shorten "
+                            "them or train longer")
     need(c.debug_nan_count >= 1, "debug_nan_count", "at least 1", c.debug_nan_count)
     need(c.debug_sleep >= 0, "debug_sleep", ">= 0", c.debug_sleep)
     v = c.validation
     if c.validate_every:
-        need(v.num_inference_steps >= 1, "validation.num_inference_steps", "at least 1", v.num_inference_steps)
+        need(v.num_inference_steps is None or v.num_inference_steps >= 1, "validation.num_inference_steps",
+             "at least 1 (or null for the model's default)", v.num_inference_steps)
         for key in ("height", "width"):
             side = getattr(v, key)
-            need(side is None or side > 0, f"validation.{key}", "positive (or null for data.resolution)", side)
+            need(side is None or (side > 0 and side % 8 == 0), f"validation.{key}",
+                 "a positive multiple of 8 (or null for the model's default)", side)
+
+
+def default_warmup_steps(max_steps: int) -> int:
+    """The warm-up when none is given: 10 % of the run, at most 500 steps (the fixed default it replaces, which ate
+    all of a short run: with --max-steps 40 the rate never passed 8 % of its peak)."""
+    return min(500, max_steps // 10)
+
+
+def _resumed_warmup_steps(c: TrainConfig) -> int | None:
+    """The warm-up of the run being resumed (its checkpoint's saved config): a run extended with a larger max_steps
+    keeps it, instead of a longer default warm-up pulling the rate back down midway."""
+    from ldm_pipeline.config import load_yaml
+    from ldm_pipeline.training import checkpoints as ckpt
+
+    if c.resume is None:
+        return None
+    checkpoint = ckpt.latest_checkpoint(c.output_dir) if c.resume == "latest" else Path(c.resume)
+    saved = checkpoint / ckpt.CONFIG_FILE if checkpoint is not None else None
+    if saved is None or not saved.is_file():
+        return None
+    value = load_yaml(saved).get("lr_warmup_steps")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def warmup_warning(c: TrainConfig, peak_lr: float) -> str | None:
+    """One line when a resolved config's warm-up does not end within the run, else None.
+
+    diffusers' warm-up uses rate · step / lr_warmup_steps at optimizer step ``step`` (0-based, so the first step
+    runs at 0): the last of max_steps steps runs at rate · (max_steps - 1) / lr_warmup_steps.
+    """
+    if c.lr_scheduler == "constant" or c.lr_warmup_steps < c.max_steps:
+        return None
+    reached = peak_lr * (c.max_steps - 1) / c.lr_warmup_steps
+    return (f"lr_warmup_steps {c.lr_warmup_steps} is not shorter than the run (max_steps {c.max_steps}): the "
+            f"learning rate only reaches {reached:.2g} instead of {peak_lr:g}; pass e.g. --lr-warmup-steps "
+            f"{default_warmup_steps(c.max_steps)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Any
 from ldm_pipeline.config import flatten, save_yaml, to_dict
 from ldm_pipeline.errors import UserError
 from ldm_pipeline.training import checkpoints as ckpt
-from ldm_pipeline.training.config import TrainConfig, is_lora, resolve
+from ldm_pipeline.training.config import TrainConfig, is_lora, resolve, warmup_warning
 from ldm_pipeline.training.parallel import (
     check_backend,
     fill_deepspeed_config,
@@ -162,7 +163,10 @@ def _make_lr_scheduler(config: TrainConfig, optimizer):
 
 def train(config: TrainConfig) -> TrainResult:
     """Run one training job; raises UserError for bad input and TrainingDiverged after max_bad_steps NaN losses."""
+    from ldm_pipeline.training.packages import check_packages, train_packages
+
     config = resolve(config)
+    check_packages(train_packages(config), "training")  # before the output dir or a model is touched
     accelerator = _make_accelerator(config)
     result = _train(config, accelerator)
     # The process group goes only after every rank has dropped _train's DDP-wrapped models (on its return, and by
@@ -198,6 +202,10 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
     # --- model -------------------------------------------------------------------------------------------------
     with accelerator.main_process_first():  # one download/conversion, the others read the cache
         pipe, info = load_pipeline(config.model, seed=config.seed)
+    # sample grids as `ldm txt2img` draws with this model (its example prompts, size, steps, sampler) where the config
+    # leaves them None; train_config.yaml keeps the None (the saved model carries the defaults), so a rerun with the
+    # same config compares equal to it (`ldm recipe` reuses a stage only then)
+    sampling = validation.resolve_settings(config.validation, info.defaults)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     sched_config = dict(pipe.scheduler.config)
     if config.prediction_type != "model":
@@ -246,6 +254,8 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
     if config.scale_lr:
         scale = config.batch_size * accelerator.gradient_accumulation_steps * world
         lr, te_lr = lr * scale, te_lr * scale
+    if accelerator.is_main_process and (warning := warmup_warning(config, lr)):
+        logging.getLogger("ldm_pipeline.training").warning(warning)
     groups = [{"params": unet_params, "lr": lr}] + ([{"params": te_params, "lr": te_lr}] if te_params else [])
     optimizer = _make_optimizer(config, groups, lr)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process per call unless the step counts
@@ -442,10 +452,8 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
         _log(accelerator, f"saved {path}")
 
     def validate(step: int) -> None:
-        if not accelerator.is_main_process or not config.validation.prompts:
+        if not accelerator.is_main_process or not sampling.prompts:
             return
-        height = config.validation.height or config.data.resolution
-        width = config.validation.width or config.data.resolution
         modules = [m for m in trained]
         for m in modules:
             m.eval()
@@ -460,13 +468,13 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
                 "text_encoder": accelerator.unwrap_model(text_encoder), "tokenizer": tokenizer,
                 "scheduler": pipe.scheduler}, device)
             with accelerator.autocast():
-                images = validation.sample_images(live, info, config.validation, height, width, str(device))
+                images = validation.sample_images(live, info, sampling, sampling.height, sampling.width, str(device))
         finally:
             if ema is not None:
                 ema.restore(ema_params)
             for m in modules:
                 m.train()
-        path = validation.save_samples(images, config.validation.prompts, out / "samples", step)
+        path = validation.save_samples(images, sampling.prompts, out / "samples", step)
         from PIL import Image
 
         with Image.open(path) as grid:
@@ -497,9 +505,16 @@ def _train(config: TrainConfig, accelerator) -> TrainResult:
     accum = config.gradient_accumulation_steps
     per_step = config.batch_size * accum * world
     _log(accelerator, f"{config.max_steps} steps of {per_step} samples ({world} process(es) x batch "
-                      f"{config.batch_size} x {accum} accumulation), lr {lr:g}, "
+                      f"{config.batch_size} x {accum} accumulation), lr {lr:g} ({config.lr_scheduler}"
+                      f"{f', warm-up {config.lr_warmup_steps}' if config.lr_warmup_steps else ''}), "
                       f"{'LoRA rank ' + str(config.lora.rank) if use_lora else 'full fine-tuning'}"
                       f"{' + text encoder' if train_te else ''}, mixed precision {accelerator.mixed_precision}")
+    if config.validate_every and sampling.prompts:
+        origin = ("config" if config.validation.prompts is not None else
+                  "model's examples" if info.defaults.example_prompts else "generic")
+        _log(accelerator, f"samples every {config.validate_every} steps: {len(sampling.prompts)} prompts ({origin}), "
+                          f"{sampling.width}x{sampling.height}, {sampling.num_inference_steps} steps "
+                          f"{sampling.scheduler}, CFG {sampling.guidance_scale:g}")
     bar = tqdm(total=config.max_steps, initial=global_step, desc="training", unit="step",
                disable=not (accelerator.is_main_process and config.progress_bar), dynamic_ncols=True)
     consecutive_bad, nan_injected = 0, 0

@@ -36,7 +36,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 class VAETrainConfig:
     """One autoencoder training run (`ldm train-vae`)."""
 
-    model: str = ""  # configs/models YAML (name or path; its `vae:` block, random init), or an AutoencoderKL folder
+    # configs/models YAML (NAME, config:NAME or a path: its `vae:` block, random init), or an AutoencoderKL folder
+    model: str = ""
     data: DataConfig = field(default_factory=DataConfig)  # training images; captions are ignored (none needed)
     eval_data: str | None = None  # held-out images (any data source); None = the last shard of `data`
     output_dir: str = ""  # final VAE, checkpoints, metrics and pictures go here
@@ -163,9 +164,11 @@ def build_vae(config: VAETrainConfig):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot load {sub} as an AutoencoderKL: {_first_line(e)}") from None
     from ldm_pipeline.config import load_yaml
+    from ldm_pipeline.models import CONFIG_PREFIX
 
-    # stage 1 needs only the VAE part of an architecture, so a YAML holding just `vae:` is enough
-    data = load_yaml(resolve_config_path(config.model, "models"))
+    # stage 1 needs only the VAE part of an architecture, so a YAML holding just `vae:` is enough; `config:NAME` is
+    # the form `ldm train --model` needs for random weights, accepted here too
+    data = load_yaml(resolve_config_path(config.model.removeprefix(CONFIG_PREFIX), "models"))
     kwargs = data.get("vae")
     if not isinstance(kwargs, dict):
         raise UserError(f"model config {config.model} has no `vae:` mapping of AutoencoderKL arguments")
@@ -376,8 +379,14 @@ def train_vae(config: VAETrainConfig) -> VAETrainResult:
     """Train (or fine-tune) an AutoencoderKL; see the module docstring for the loop and outputs."""
     import torch
 
+    from ldm_pipeline.training.packages import check_packages, data_packages
+
     c = effective_config(config)
     check_config(c)
+    need = data_packages(c.data.source, c.data.format)
+    if c.eval_data:
+        need.update(data_packages(c.eval_data))
+    check_packages(need, "VAE training")  # before the output dir or the model is touched
     device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if c.device == "auto" else c.device))
     threads = torch.get_num_threads()

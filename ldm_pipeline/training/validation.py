@@ -9,7 +9,27 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ldm_pipeline.training.config import ValidationSettings
+from ldm_pipeline.training.config import GENERIC_VALIDATION_PROMPTS, ValidationSettings
+
+
+def resolve_settings(settings: ValidationSettings, defaults) -> ValidationSettings:
+    """`settings` with each field left None taken from the model's `GenerationDefaults`: prompts given in the config
+    win, else the model's example prompts, else GENERIC_VALIDATION_PROMPTS; size, steps, guidance and sampler are
+    what `ldm txt2img` would use for the model."""
+    import dataclasses
+
+    def pick(value, default):
+        return default if value is None else value
+
+    prompts = settings.prompts
+    if prompts is None:
+        prompts = list(defaults.example_prompts or GENERIC_VALIDATION_PROMPTS)
+    return dataclasses.replace(
+        settings, prompts=list(prompts),
+        num_inference_steps=pick(settings.num_inference_steps, defaults.num_inference_steps),
+        guidance_scale=pick(settings.guidance_scale, defaults.guidance_scale),
+        scheduler=pick(settings.scheduler, defaults.scheduler),
+        height=pick(settings.height, defaults.height), width=pick(settings.width, defaults.width))
 
 
 def live_pipeline(components: dict, device) -> object:
@@ -30,7 +50,8 @@ def live_pipeline(components: dict, device) -> object:
 
 
 def sample_images(pipe, info, settings: ValidationSettings, height: int, width: int, device: str) -> list:
-    """One image per prompt through `ldm_pipeline.pipeline.Generator` (the `ldm txt2img` path)."""
+    """One image per prompt through `ldm_pipeline.pipeline.Generator` (the `ldm txt2img` path); `settings` resolved
+    (`resolve_settings`), so only the guidance cut-off comes from the model's defaults here."""
     import torch
 
     from ldm_pipeline.pipeline import Generator, Job, RuntimeOptions
