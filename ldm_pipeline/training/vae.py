@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ class VAETrainConfig:
     batch_size: int = 32  # images per step
     learning_rate: float = 1e-3  # peak learning rate (AdamW)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up, down to min_lr_ratio
-    lr_warmup_steps: int = 50  # steps of linear warm-up from 0
+    lr_warmup_steps: int | None = None  # steps of linear warm-up from 0; None = ldm train's default (10 %, <= 500)
     min_lr_ratio: float = 0.05  # final learning rate as a fraction of the peak
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99  # shorter second-moment memory than 0.999 suits runs of a few hundred steps
@@ -371,8 +372,15 @@ def _prepare_output(c: VAETrainConfig) -> tuple[Path, Path | None]:
 
 
 def effective_config(config: VAETrainConfig) -> VAETrainConfig:
-    """The config as the run uses and records it: an autoencoder needs no captions, so none are required."""
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, allow_empty_captions=True))
+    """The config as the run uses and records it: an autoencoder needs no captions, so none are required; the
+    warm-up defaults as `ldm train`'s does."""
+    from ldm_pipeline.training.config import default_warmup_steps
+
+    warmup = config.lr_warmup_steps
+    if warmup is None:
+        warmup = default_warmup_steps(config.max_steps) if config.max_steps >= 1 else 0
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, allow_empty_captions=True),
+                               lr_warmup_steps=warmup)
 
 
 def train_vae(config: VAETrainConfig) -> VAETrainResult:
@@ -387,6 +395,11 @@ def train_vae(config: VAETrainConfig) -> VAETrainResult:
     if c.eval_data:
         need.update(data_packages(c.eval_data))
     check_packages(need, "VAE training")  # before the output dir or the model is touched
+    if c.lr_warmup_steps >= c.max_steps:
+        reached = c.learning_rate * c.max_steps / (c.lr_warmup_steps + 1)  # lr_factor's last step
+        print(f"ldm train-vae: warning: lr_warmup_steps {c.lr_warmup_steps} is not shorter than the run (max_steps "
+              f"{c.max_steps}): the learning rate only reaches {reached:.2g} instead of {c.learning_rate:g}",
+              file=sys.stderr)
     device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if c.device == "auto" else c.device))
     threads = torch.get_num_threads()

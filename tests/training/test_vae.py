@@ -174,3 +174,17 @@ def test_cli_errors_are_one_line_exit_2(argv, message, trained, tmp_path, capsys
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("ldm train-vae: error:")
+
+
+def test_warmup_defaults_to_a_share_of_the_run_and_a_long_one_is_reported(tiny_arch, trained, tmp_path, capsys):
+    import dataclasses
+
+    from ldm_pipeline.training.vae import effective_config
+
+    _, _, data = trained
+    unset = dataclasses.replace(make_config(tiny_arch, data, tmp_path / "a", max_steps=40), lr_warmup_steps=None)
+    assert effective_config(unset).lr_warmup_steps == 4  # was a fixed 50: all of the run
+    train_vae(make_config(tiny_arch, data, tmp_path / "b", max_steps=2, lr_warmup_steps=5, lr_scheduler="cosine",
+                          eval_every=0))
+    assert ("lr_warmup_steps 5 is not shorter than the run (max_steps 2): the learning rate only reaches 0.0017 "
+            "instead of 0.005") in capsys.readouterr().err
