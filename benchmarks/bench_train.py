@@ -1,13 +1,14 @@
 """Training throughput of `ldm train`'s loop against a minimal diffusers-example loop, interleaved in one run.
 
-  python benchmarks/bench_train.py                                  # tiny model, CPU, 64px
-  python benchmarks/bench_train.py --model-config sd15 --resolution 512 --batch-size 4 --steps 20   # on a GPU
+  python benchmarks/bench_train.py                                  # config:tiny (random weights), CPU, 64px
+  python benchmarks/bench_train.py --model config:sd15 --resolution 512 --batch-size 4 --steps 20   # on a GPU
 
 The baseline is written the way diffusers' examples/text_to_image/train_text_to_image.py trains (VAE encode and
 text encode every step, AdamW on the UNet, accelerate prepare, same data loader, batch size and precision). Ours
 runs `ldm_pipeline.training.train` with EMA, checkpoints and validation off, with and without `cache_latents`.
 Throughput counts only the optimizer steps after `--warmup` steps (ours: TrainResult.train_seconds; the caching
-pass is reported separately). Variants are interleaved round by round; the table shows medians.
+pass is reported separately). Variants are interleaved round by round; the table shows medians. Every round is
+written to benchmarks/results/train-<date>.json (see results.py; report.py makes the tables).
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results  # noqa: E402  (benchmarks/results.py)
 
-def baseline(model: str, data: str, resolution: int, batch_size: int, steps: int, warmup: int, mp: str) -> float:
-    """samples/s of a train_text_to_image.py-style loop."""
+
+def baseline(model: str, data: str, resolution: int, batch_size: int, steps: int, warmup: int, mp: str) -> dict:
+    """{samples, seconds, samples_per_s} of the steps after `warmup` of a train_text_to_image.py-style loop."""
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
@@ -69,15 +74,16 @@ def baseline(model: str, data: str, resolution: int, batch_size: int, steps: int
         n += bsz
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    rate = n / (time.perf_counter() - t0)
+    dt = time.perf_counter() - t0
     accelerator.free_memory()
     _reset()
-    return rate
+    return {"samples": n, "seconds": dt, "samples_per_s": n / dt}
 
 
 def ours(model: str, data: str, out: Path, resolution: int, batch_size: int, steps: int, warmup: int, mp: str,
-         cache: bool, cache_dir: Path) -> tuple[float, float]:
-    """(samples/s of the optimizer steps after warm-up, seconds of the caching pass)."""
+         cache: bool, cache_dir: Path) -> dict:
+    """{samples, seconds, samples_per_s} of the optimizer steps after warm-up, the caching pass's seconds, and the
+    two runs it is the difference of."""
     from ldm_pipeline.training import load_train_config, train
 
     def run(max_steps: int, where: Path):
@@ -97,7 +103,14 @@ def ours(model: str, data: str, out: Path, resolution: int, batch_size: int, ste
     short = run(warmup, out / "short")
     full = run(warmup + steps, out / "full")
     dt = full.train_seconds - short.train_seconds
-    return (full.samples_seen - short.samples_seen) / dt, max(short.cache_seconds, full.cache_seconds)
+    n = full.samples_seen - short.samples_seen
+    if dt <= 0:
+        print(f"warning: {warmup + steps} steps took no longer than {warmup} ({full.train_seconds:.2f}s vs "
+              f"{short.train_seconds:.2f}s): too few --steps to measure; the rate below is meaningless", flush=True)
+    return {"samples": n, "seconds": dt, "samples_per_s": n / dt,
+            "cache_seconds": max(short.cache_seconds, full.cache_seconds),
+            "runs": [{"global_step": r.global_step, "samples_seen": r.samples_seen, "train_seconds": r.train_seconds,
+                      "cache_seconds": r.cache_seconds} for r in (short, full)]}
 
 
 def _reset() -> None:
@@ -110,7 +123,10 @@ def _reset() -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-config", default="tiny", help="configs/models name (random weights) or a model folder")
+    p.add_argument("--model", help="what `ldm train` starts from: the shipped 'shapes', a diffusers folder, or "
+                                   "config:NAME, random weights from configs/models/NAME.yaml (default: config:tiny)")
+    p.add_argument("--model-config", help="a configs/models name (random weights) or a model folder; the old "
+                                          "spelling of --model config:NAME")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
@@ -118,49 +134,84 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--samples", type=int, default=128, help="images in the generated dataset")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads; default: torch's own, "
+                                               "usually the core count); 1 suffers least on a shared CPU")
+    results.add_arguments(p)
     args = p.parse_args(argv)
+    if args.model and args.model_config:
+        p.error("give --model or --model-config, not both")
+
+    from ldm_pipeline.errors import UserError
+    from ldm_pipeline.models import CONFIG_PREFIX, init_model, resolve_model
+
+    model_arg = args.model or args.model_config or f"{CONFIG_PREFIX}tiny"
+    if args.model_config and not Path(args.model_config).is_dir():
+        model_arg = CONFIG_PREFIX + args.model_config.removeprefix(CONFIG_PREFIX)
+    begun = results.start()
 
     import torch
 
     from ldm_pipeline.data.fixtures import write_laion_fixture
-    from ldm_pipeline.models import init_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     mp = args.mixed_precision
     if mp == "auto":
         mp = "fp16" if torch.cuda.is_available() else "no"
     work = Path(tempfile.mkdtemp(prefix="bench_train-"))
     try:
-        model = args.model_config
-        if not Path(model).is_dir():
-            model = str(init_model(model, work / "model", seed=0))
+        try:
+            if model_arg.startswith(CONFIG_PREFIX):  # random weights, written as a model folder ldm train starts from
+                model = str(init_model(model_arg.removeprefix(CONFIG_PREFIX), work / "model", seed=0))
+            else:
+                model = resolve_model(model_arg)  # `shapes` → the packaged model's folder
+                if not Path(model).is_dir():
+                    raise UserError(f"{model_arg}: bench_train needs a model folder, the shipped 'shapes' or "
+                                    "config:NAME")
+        except UserError as e:
+            print(f"bench_train: {e}", file=sys.stderr)
+            return 2
         data = work / "data"
         write_laion_fixture(data, n=args.samples, shards=4, sizes=((args.resolution, args.resolution),))
-        results: dict[str, list[float]] = {"diffusers-example loop": [], "ldm train": [], "ldm train --cache-latents": []}
-        cache_secs = []
+        names = {"example": "diffusers-example loop", "ours": "ldm train", "ours_cached": "ldm train --cache-latents"}
+        raw: dict[str, list[dict]] = {k: [] for k in names}
         for r in range(args.rounds):
-            results["diffusers-example loop"].append(
+            raw["example"].append(
                 baseline(model, str(data), args.resolution, args.batch_size, args.steps, args.warmup, mp))
-            results["ldm train"].append(ours(model, str(data), work / f"o{r}", args.resolution, args.batch_size,
-                                             args.steps, args.warmup, mp, False, work / "cache")[0])
-            rate, secs = ours(model, str(data), work / f"c{r}", args.resolution, args.batch_size, args.steps,
-                              args.warmup, mp, True, work / "cache")
-            results["ldm train --cache-latents"].append(rate)
-            cache_secs.append(secs)
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()),
-                  flush=True)
-        base = statistics.median(results["diffusers-example loop"])
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-        print(f"\nmodel {args.model_config}, {args.resolution}px, batch {args.batch_size}, precision {mp}, {device}, "
+            raw["ours"].append(ours(model, str(data), work / f"o{r}", args.resolution, args.batch_size, args.steps,
+                                    args.warmup, mp, False, work / "cache"))
+            raw["ours_cached"].append(ours(model, str(data), work / f"c{r}", args.resolution, args.batch_size,
+                                           args.steps, args.warmup, mp, True, work / "cache"))
+            print(f"round {r + 1}/{args.rounds}: "
+                  + ", ".join(f"{names[k]} {v[-1]['samples_per_s']:.1f}" for k, v in raw.items()), flush=True)
+        med = {k: statistics.median(m["samples_per_s"] for m in v) for k, v in raw.items()}
+        base = med["example"]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = results.device_info(device)["name"]
+        print(f"\nmodel {model_arg}, {args.resolution}px, batch {args.batch_size}, precision {mp}, {dev}, "
               f"median of {args.rounds} rounds x {args.steps} steps")
         print(f"{'loop':<28} {'samples/s':>10} {'vs example':>11}")
-        for name, rates in results.items():
-            med = statistics.median(rates)
-            print(f"{name:<28} {med:>10.2f} {med / base:>10.2f}x")
-        print(f"caching pass ({args.samples} images, first round; later rounds reuse it): {cache_secs[0]:.1f}s")
+        for k, name in names.items():
+            print(f"{name:<28} {med[k]:>10.2f} {med[k] / base:>10.2f}x")
+        cache_s = raw["ours_cached"][0]["cache_seconds"]
+        print(f"caching pass ({args.samples} images, first round; later rounds reuse it): {cache_s:.1f}s")
+        settings = {
+            "model": model_arg, "resolution": args.resolution, "batch_size": args.batch_size, "steps": args.steps,
+            "warmup": args.warmup, "rounds": args.rounds, "samples": args.samples, "mixed_precision": mp,
+            "device": device, "threads": torch.get_num_threads(), "optimizer": "AdamW", "ema": False, "variants": names,
+        }
+        derived = {
+            "median_samples_per_s": med,
+            "ratio_vs_example": {k: med[k] / base for k in names},
+            "cache_seconds_first_round": cache_s,
+        }
+        results.save("train", begun, args, device=device, settings=settings,
+                     raw={"unit": "samples and seconds of the timed optimizer steps, per round", **raw},
+                     derived=derived)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
