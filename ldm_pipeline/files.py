@@ -1,4 +1,5 @@
-"""Temporary names for atomic writes that end up with ordinary permissions.
+"""Atomic writes (files and whole folders) that end up with ordinary permissions: the one place every output of
+the package (images aside, which never overwrite) goes through.
 
 ``tempfile.mkdtemp``/``mkstemp`` create 0700 folders and 0600 files (private on purpose); renamed into place they
 would stay unreadable to another user's A1111/ComfyUI or a shared models folder. These give them the modes a plain
@@ -7,7 +8,9 @@ would stay unreadable to another user's A1111/ComfyUI or a shared models folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,3 +46,51 @@ def ordinary_modes(root: str | Path) -> None:
     for path in [root, *(root.rglob("*") if root.is_dir() else ())]:
         if not path.is_symlink():
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Replace `path` with `data` so that a reader sees the old file or the new one, never half of one: written
+    under a unique temporary name in the same folder, flushed to disk, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, overwrite: bool = False):
+    """Build a folder under a unique temporary name beside `final` and rename it into place when the block ends
+    without an error (left behind on an error: removed). An existing `final` is an error unless `overwrite`, and is
+    then replaced only once the new folder is complete. Yields the temporary folder to write into."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(final)
+    tmp = make_temp_dir(final.parent, prefix=f".{final.name}.tmp-")
+    try:
+        yield tmp
+        ordinary_modes(tmp)  # libraries' savers write private 0600 files
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(final)
+            old = make_temp_dir(final.parent, prefix=f".{final.name}.old-")
+            os.rename(final, old / final.name)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

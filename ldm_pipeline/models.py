@@ -18,7 +18,7 @@ from typing import Any
 
 from ldm_pipeline.config import from_dict, load_yaml, resolve_config_path
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.files import make_temp_dir, ordinary_modes
+from ldm_pipeline.files import atomic_dir, atomic_write_text, make_temp_dir
 from ldm_pipeline.tokenizer import load_tokenizer
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -115,34 +115,25 @@ def init_model(spec: ModelSpec | str | Path, output: str | Path, seed: int = 0, 
 
 
 def write_defaults(folder: Path, defaults: GenerationDefaults) -> bool:
-    """Store a model folder's sampling defaults (written to a temporary name, then renamed); False if unchanged."""
+    """Store a model folder's sampling defaults (atomically); False if unchanged."""
     path = Path(folder) / DEFAULTS_FILE
     text = json.dumps(dataclasses.asdict(defaults), indent=2) + "\n"
     if path.is_file() and path.read_text() == text:
         return False
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
     return True
 
 
 def save_pipeline(pipe, output: str | Path, defaults: GenerationDefaults | None = None, overwrite: bool = False) -> Path:
-    """Save a pipeline as a diffusers folder in safetensors, written to a temporary name and renamed into place."""
+    """Save a pipeline as a diffusers folder in safetensors, built under a temporary name and renamed into place."""
     output = Path(output)
-    tmp = make_temp_dir(output.parent, prefix=f".{output.name}.tmp-")
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if defaults is not None:
-            write_defaults(tmp, defaults)
-        ordinary_modes(tmp)
-        if output.exists():
-            if not overwrite:
-                raise UserError(f"{output} already exists: pass --overwrite to replace it")
-            shutil.rmtree(output)
-        _rename_into_place(tmp, output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(output, overwrite=overwrite) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            if defaults is not None:
+                write_defaults(tmp, defaults)
+    except FileExistsError:
+        raise UserError(f"{output} already exists: pass --overwrite to replace it") from None
     return output
 
 
@@ -184,10 +175,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     if st.st_size > 64 << 20:  # only worth caching for big files
         cache[key] = digest
         try:
-            _ensure(cache_file.parent)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
+            atomic_write_text(cache_file, json.dumps(cache))
         except OSError:
             pass
     return digest
