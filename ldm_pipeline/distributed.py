@@ -35,7 +35,7 @@ def init_state(options):
 
 def shared_random_seed(state) -> int:
     """A random seed that is the same on every rank: rank 0 draws it and broadcasts it."""
-    from ldm_pipeline.pipeline import random_seed
+    from ldm_pipeline.settings import random_seed
 
     if state is None:
         return random_seed()
@@ -49,7 +49,7 @@ def shared_random_seed(state) -> int:
 @contextlib.contextmanager
 def split_jobs(jobs: list, outdir: Path, state):
     """Yields (this process's jobs, first file number); all jobs and `next_number` when `state` is None."""
-    from ldm_pipeline.pipeline import next_number
+    from ldm_pipeline.outputs import next_number
 
     if state is None:
         yield jobs, next_number(outdir)

@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ldm_pipeline.errors import UserError
-
 JSON_KEY = "ldm_pipeline"  # PNG tEXt key of our JSON record
 A1111_KEY = "parameters"
 FORMAT_VERSION = 1
@@ -25,6 +23,7 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         ("Model hash", record["model"]["hash"]),
         ("Model", Path(str(record["model"]["name"])).stem if record["model"]["name"] else ""),
     ]
+    fields = [(k, v) for k, v in fields if v is not None]  # no hash for a model with no local files to hash
     if record.get("strength") is not None:
         fields.append(("Denoising strength", _num(record["strength"])))
     if record.get("clip_skip", 1) > 1:
@@ -66,26 +65,3 @@ def png_info(record: dict[str, Any]):
     info.add_text(A1111_KEY, a1111_parameters(record))
     info.add_text(JSON_KEY, json.dumps({"format": FORMAT_VERSION, **record}, sort_keys=True, allow_nan=False))
     return info
-
-
-def read_record(path: str | Path) -> dict[str, Any]:
-    """The JSON record of an image we wrote; a one-line UserError for anything else."""
-    from PIL import Image
-
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            text = im.info.get(JSON_KEY) or getattr(im, "text", {}).get(JSON_KEY)
-    except FileNotFoundError:
-        raise UserError(f"replay image not found: {path}") from None
-    except OSError as e:
-        raise UserError(f"cannot read replay image {path}: {e}") from None
-    if not text:
-        raise UserError(f"{path} has no ldm_pipeline metadata: only PNGs written by ldm txt2img/img2img can be replayed")
-    try:
-        record = json.loads(text)
-    except ValueError:
-        raise UserError(f"{path}: the ldm_pipeline metadata is not valid JSON") from None
-    if record.get("format", 0) > FORMAT_VERSION:
-        raise UserError(f"{path} was written by a newer ldm_pipeline (format {record['format']}): upgrade to replay it")
-    return record

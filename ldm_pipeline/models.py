@@ -62,7 +62,7 @@ class ModelInfo:
 
     name: str  # what the user passed (path or hub id), or the config name
     source: str  # "folder" | "single_file" | "hub" | "config"
-    hash: str  # A1111-style short content hash (sha256 of the weights, first 10 hex digits)
+    hash: str | None  # A1111-style short content hash (sha256 of the weights, first 10 hex digits); None: unknown
     defaults: GenerationDefaults
     path: str | None = None
 
@@ -466,7 +466,7 @@ def load_pipeline(
                     "arbitrary code when loaded: pass --allow-pickle to load them"
                 ) from None
             raise UserError(f"cannot load model '{model}' from the hub: {_first_line(e)}") from None
-        return pipe, ModelInfo(model, "hub", _hub_hash(pipe), _infer_defaults(pipe), None)
+        return pipe, ModelInfo(model, "hub", _hub_hash(model), _infer_defaults(pipe), None)
     raise UserError(f"model not found: {model} (expected a diffusers folder, a .safetensors file or a hub id)")
 
 
@@ -481,8 +481,16 @@ def pickle_only_weights(folder: Path) -> str | None:
     return None
 
 
-def _hub_hash(pipe) -> str:
-    return (getattr(pipe, "name_or_path", "") or "hub")[-10:]
+def _hub_hash(model_id: str) -> str | None:
+    """Content hash of a hub model's local snapshot (the files from_pretrained loaded), or None when there is no
+    local copy to hash."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(model_id, local_files_only=True)
+    except Exception:  # not cached, or a cache laid out otherwise: no hash rather than a made-up one
+        return None
+    return folder_hash(folder)[:10]
 
 
 def _is_config_name(name: str) -> bool:

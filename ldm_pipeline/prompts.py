@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ldm_pipeline.settings import check_eta, check_img2img_steps, check_setting
+
 ROUND_UP = 1.1  # A1111: (word) multiplies attention by 1.1
 SQUARE_DOWN = 1 / 1.1  # [word] divides by 1.1
 BREAK = ("BREAK", -1.0)  # parse_weights' marker for the BREAK keyword (A1111's ["BREAK", -1])
@@ -339,7 +341,6 @@ def _bad():
 
 def _check_row(row: dict) -> str | None:
     """The first out-of-range value of a row, by the same rules as the command-line flags."""
-    from ldm_pipeline.pipeline import check_eta, check_img2img_steps, check_setting
     from ldm_pipeline.schedulers import SCHEDULERS
 
     for k, v in row.items():

@@ -14,6 +14,16 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.pop("LDM_MODEL", None)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tier (torchrun, SIGKILL resume, whole recipes) runs after every behaviour test, so a full run reports
+    the fast tier's failures first; `-m "not slow"` leaves it out."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # stable: keeps each tier's order
+
+
+def pytest_report_header(config):
+    return "tiers: behaviour tests first, then @pytest.mark.slow (deselect with -m 'not slow')"
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random tiny model folder (as `ldm init-model --config tiny --seed 0` writes it)."""
@@ -25,9 +35,10 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def generator(tiny_model):
     """The tiny model loaded once for in-process generation tests."""
-    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator
+    from ldm_pipeline.settings import RuntimeOptions
 
-    return Generator.load(str(tiny_model), RuntimeOptions(device="cpu"))
+    return ImageGenerator.load(str(tiny_model), RuntimeOptions(device="cpu"))
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):

@@ -81,8 +81,8 @@ def test_replay_is_bit_exact(tiny_model, tmp_path, capsys):
 
 
 def test_replay_of_a_record_from_before_guidance_cutoff_guides_every_step(generator):
-    from ldm_pipeline.cli.txt2img import jobs_from_record
-    from ldm_pipeline.pipeline import Job
+    from ldm_pipeline.replay import jobs_from_record
+    from ldm_pipeline.settings import Job
 
     rec = next(generator.generate([Job("x", seed=1, num_inference_steps=2, guidance_cutoff=0.5)])).record
     assert jobs_from_record(rec)[0].guidance_cutoff == 0.5
@@ -258,10 +258,10 @@ def test_no_model_and_no_default_says_pass_one(tmp_path, monkeypatch, capsys):
 
 
 def test_interrupt_keeps_finished_images(tiny_model, tmp_path, monkeypatch, capsys):
-    import ldm_pipeline.pipeline as pl
+    import ldm_pipeline.generator as pl
 
     calls = {"n": 0}
-    orig = pl.Generator.run_batch
+    orig = pl.ImageGenerator.run_batch
 
     def flaky(self, batch, init_images=None, on_step=None):
         calls["n"] += 1
@@ -269,7 +269,7 @@ def test_interrupt_keeps_finished_images(tiny_model, tmp_path, monkeypatch, caps
             raise KeyboardInterrupt
         return orig(self, batch, init_images, on_step)
 
-    monkeypatch.setattr(pl.Generator, "run_batch", flaky)
+    monkeypatch.setattr(pl.ImageGenerator, "run_batch", flaky)
     rc = ldm_main(["txt2img", "x", "--model", str(tiny_model), "--num-images", "5", "--steps", "2", "--seed", "0",
                    "--outdir", str(tmp_path), "-q"])
     assert rc == 130
@@ -409,3 +409,13 @@ def test_a_lora_used_is_in_the_a1111_text(tiny_model, tmp_path):
     assert ldm_main(["txt2img", "--replay", str(png), "--outdir", str(tmp_path / "o"), "-q"]) == 0
     first, again = sorted((tmp_path / "o").glob("*.png"))
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+def test_replay_from_python_gives_the_same_pixels(tiny_model, tmp_path):
+    from ldm_pipeline import replay_image
+
+    assert ldm_main(["txt2img", "a cat", "a dog", "--model", str(tiny_model), "--steps", "2", "--seed", "4",
+                     "--batch-size", "2", "--outdir", str(tmp_path), "-q"]) == 0
+    second = tmp_path / "00001-5.png"  # made in a batch of two: replay rebuilds the batch
+    again = replay_image(second, device="cpu")
+    assert np.array_equal(np.asarray(Image.open(second)), np.asarray(again))

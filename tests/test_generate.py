@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.pipeline import Job, _jobs_from_api, fit_image, load_init_image
+from ldm_pipeline.images import fit_image, load_init_image
 from ldm_pipeline.schedulers import SCHEDULERS
+from ldm_pipeline.settings import Job, jobs_from_api
 
 PROMPT = "a red circle on a blue background"
 
@@ -168,7 +169,7 @@ def test_seed_minus_one_is_random_and_largest_seed_works(generator):
     assert len(seeds) > 1 and all(0 <= s < 2**32 for s in seeds)
     assert one(generator, seed=2**64 - 1, num_inference_steps=1).size == (64, 64)
     # image i of an API run gets seed + i, wrapping past 2**64 - 1 instead of overflowing torch's manual_seed
-    assert [j.seed for j in _jobs_from_api("x", {"seed": 2**64 - 1, "num_images": 2})] == [2**64 - 1, 0]
+    assert [j.seed for j in jobs_from_api("x", {"seed": 2**64 - 1, "num_images": 2})] == [2**64 - 1, 0]
 
 
 def test_img2img_sizes_need_only_the_vae_factor(generator, init_png):
@@ -263,11 +264,11 @@ def test_resize_modes(tmp_path, mode):
 
 
 def test_init_image_modes_and_exif(tmp_path):
-    from ldm_pipeline.pipeline import _to_rgb
+    from ldm_pipeline.images import to_rgb
 
     for mode in ("RGBA", "LA", "P", "L", "CMYK", "I;16"):
         im = Image.new(mode, (8, 8))
-        assert _to_rgb(im).mode == "RGB"
+        assert to_rgb(im).mode == "RGB"
     # EXIF orientation 6 (rotate 90° CW) is applied
     im = Image.new("RGB", (40, 20), (255, 0, 0))
     exif = Image.Exif()
@@ -311,7 +312,8 @@ def test_interop_pixel_identical_with_plain_diffusers(generator, tiny_model):
 
 @pytest.mark.parametrize("flag", ["attention_slicing", "vae_slicing", "vae_tiling", "channels_last"])
 def test_memory_switches_run_and_keep_the_image(tiny_model, generator, flag):
-    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator as Generator
+    from ldm_pipeline.settings import RuntimeOptions
 
     g = Generator.load(str(tiny_model), RuntimeOptions(device="cpu", **{flag: True}))
     im = next(g.generate([Job(PROMPT, seed=1, num_inference_steps=3)])).image
@@ -320,14 +322,16 @@ def test_memory_switches_run_and_keep_the_image(tiny_model, generator, flag):
 
 
 def test_cpu_offload_needs_a_gpu(tiny_model):
-    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator as Generator
+    from ldm_pipeline.settings import RuntimeOptions
 
     with pytest.raises(UserError, match="needs --device cuda"):
         Generator.load(str(tiny_model), RuntimeOptions(device="cpu", cpu_offload=True))
 
 
 def test_bf16_runs(tiny_model):
-    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator as Generator
+    from ldm_pipeline.settings import RuntimeOptions
 
     g = Generator.load(str(tiny_model), RuntimeOptions(device="cpu", dtype="bf16"))
     assert g.pipe.unet.dtype == torch.bfloat16
@@ -337,7 +341,8 @@ def test_bf16_runs(tiny_model):
 
 @pytest.mark.skipif(not __import__("shutil").which("gcc"), reason="torch.compile on CPU needs a C compiler")
 def test_compile_runs(tiny_model):
-    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator as Generator
+    from ldm_pipeline.settings import RuntimeOptions
 
     g = Generator.load(str(tiny_model), RuntimeOptions(device="cpu", compile=True))
     im = next(g.generate([Job(PROMPT, seed=1, num_inference_steps=1, guidance_scale=1.0)])).image
@@ -345,7 +350,7 @@ def test_compile_runs(tiny_model):
 
 
 def test_resolve_device_errors_are_one_line(monkeypatch):
-    from ldm_pipeline.pipeline import resolve_device
+    from ldm_pipeline.settings import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -365,7 +370,7 @@ def test_save_png_without_hard_links_and_never_overwrites(tmp_path, monkeypatch)
     import errno
     import os
 
-    from ldm_pipeline.pipeline import save_png
+    from ldm_pipeline.outputs import save_png
 
     def no_links(src, dst):
         raise OSError(errno.EPERM, "Operation not permitted")  # what FAT/exFAT and some FUSE mounts answer
@@ -382,7 +387,7 @@ def test_save_png_without_hard_links_and_never_overwrites(tmp_path, monkeypatch)
 def test_save_failure_is_a_user_error_naming_the_path(tmp_path, monkeypatch):
     import errno
 
-    from ldm_pipeline.pipeline import save_png
+    from ldm_pipeline.outputs import save_png
 
     im = Image.new("RGB", (8, 8))
 
@@ -408,7 +413,7 @@ def test_grid_of_mixed_sizes_is_not_stretched():
 
 
 def test_nan_latents_are_refused_not_saved_as_black(generator, monkeypatch):
-    from ldm_pipeline.pipeline import NonFiniteImageError
+    from ldm_pipeline.generator import NonFiniteImageError
 
     unet = generator.pipe.unet
     orig = unet.forward
@@ -440,7 +445,8 @@ def test_progress_hook_sees_every_denoising_step(generator, settings, tmp_path):
 
 def test_the_record_says_the_dtype_that_ran(tiny_model, monkeypatch):
     import ldm_pipeline.models as models
-    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator as Generator
+    from ldm_pipeline.settings import RuntimeOptions
 
     real = models.load_pipeline
     # an older diffusers ignored `dtype=` and loaded fp32 while the PNG said bf16

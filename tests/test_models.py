@@ -143,7 +143,7 @@ def test_folder_with_pickle_weights_needs_allow_pickle(tiny_model, tmp_path):
 
 
 def test_pickle_lora_refused_without_flag(generator, tmp_path):
-    from ldm_pipeline.pipeline import load_lora
+    from ldm_pipeline.generator import load_lora
 
     f = tmp_path / "pytorch_lora_weights.bin"
     torch.save({}, f)
@@ -187,7 +187,8 @@ def test_single_file_from_ldm_export_and_pickle_with_flag(tiny_model, tmp_path):
     import numpy as np
 
     from ldm_pipeline.convert import export_single_file
-    from ldm_pipeline.pipeline import Generator, Job, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator as Generator
+    from ldm_pipeline.settings import Job, RuntimeOptions
 
     f = tmp_path / "tiny.safetensors"
     export_single_file(str(tiny_model), str(f))
@@ -210,3 +211,21 @@ def test_single_file_from_ldm_export_and_pickle_with_flag(tiny_model, tmp_path):
     a = next(Generator.load(str(f), RuntimeOptions(device="cpu")).generate([job])).image
     b = next(Generator.load(str(tiny_model), RuntimeOptions(device="cpu")).generate([job])).image
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_hub_model_hash_is_its_local_snapshot_content(tmp_path, monkeypatch, tiny_model):
+    import shutil
+
+    from ldm_pipeline.models import _hub_hash, folder_hash
+
+    # a hub cache laid out as huggingface_hub writes it: models--org--name/{refs/main, snapshots/REV/...}
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(tiny_model, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert _hub_hash("someone/tiny-sd") == folder_hash(tiny_model)[:10]  # was the repo name's last 10 characters
+    assert _hub_hash("someone/not-here") is None

@@ -25,7 +25,7 @@ def build_parser(prog: str = "ldm txt2img", img2img: bool = False) -> argparse.A
     return p
 
 
-# flag → the setting whose rule (`ldm_pipeline.pipeline.check_setting`) it follows
+# flag → the setting whose rule (`ldm_pipeline.settings.check_setting`) it follows
 FLAG_SETTINGS = {"steps": "num_inference_steps", "guidance_scale": "guidance_scale",
                  "guidance_rescale": "guidance_rescale", "guidance_cutoff": "guidance_cutoff", "eta": "eta",
                  "seed": "seed", "num_images": "num_images", "batch_size": "batch_size", "height": "height",
@@ -36,7 +36,7 @@ def check_args(args: argparse.Namespace, img2img: bool) -> None:
     """Argument errors that need no model (fast failures, before the heavy imports), then the sampling defaults
     filled in. A replay takes its sampling settings from the image, so giving any of them is an error."""
     from ldm_pipeline.cli.common import RECORDED_OPTIONS, apply_sampling_defaults
-    from ldm_pipeline.pipeline import check_eta, check_img2img_steps, check_setting
+    from ldm_pipeline.settings import check_eta, check_img2img_steps, check_setting
 
     sources = sum(bool(x) for x in (args.prompt, args.from_file, args.replay))
     if sources == 0:
@@ -64,8 +64,9 @@ def check_args(args: argparse.Namespace, img2img: bool) -> None:
 def jobs_from_args(args: argparse.Namespace, img2img: bool, base_seed: int) -> list:
     """Expand prompts × images (× init images) into Jobs; image i of the run gets base_seed + i (a row's own seed
     s gives its images s, s+1, …)."""
-    from ldm_pipeline.pipeline import RANDOM, Job, check_image_readable, expand_image_paths, wrap_seed
+    from ldm_pipeline.images import check_image_readable, expand_image_paths
     from ldm_pipeline.prompts import read_prompt_file
+    from ldm_pipeline.settings import RANDOM, Job, wrap_seed
 
     rows = read_prompt_file(args.from_file) if args.from_file else [{"prompt": p} for p in args.prompt]
     for r in rows:
@@ -107,46 +108,6 @@ def jobs_from_args(args: argparse.Namespace, img2img: bool, base_seed: int) -> l
     return jobs
 
 
-def jobs_from_record(record: dict) -> list:
-    """The jobs that regenerate a recorded image: the image alone, or its whole batch when it was made in one
-    (batched convolutions round differently from single ones). The recorded image is the job with index 0."""
-    import dataclasses
-
-    from ldm_pipeline.pipeline import Job
-
-    keys = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "guidance_rescale",
-            "guidance_cutoff", "scheduler", "eta", "clip_skip", "strength", "init_image", "resize_mode")
-    base = Job(**{k: record[k] for k in keys if k in record})
-    if base.guidance_cutoff is None:  # recorded before the option existed: every step was guided
-        base.guidance_cutoff = 0.0
-    base.height, base.width = record["height"], record["width"]
-    batch = record.get("batch")
-    if batch:
-        members, position = batch["members"], batch["position"]
-    else:
-        members = [{k: record[k] for k in ("prompt", "negative_prompt", "seed", "init_image", "init_image_sha256")
-                    if k in record}]
-        position = 0
-    jobs = []
-    for pos, m in enumerate(members):
-        job = dataclasses.replace(base, prompt=m["prompt"], negative_prompt=m["negative_prompt"], seed=m["seed"],
-                                  index=0 if pos == position else pos + 1)
-        if record.get("mode") == "img2img":
-            job.init_image = m["init_image"]
-            _check_init_image_unchanged(job.init_image, m.get("init_image_sha256"))
-        jobs.append(job)
-    return jobs
-
-
-def _check_init_image_unchanged(path: str, sha256: str | None) -> None:
-    from ldm_pipeline.models import file_sha256
-
-    if not Path(path).is_file():
-        raise UserError(f"replay needs the init image {path}, which is not there")
-    if file_sha256(path) != sha256:
-        raise UserError(f"init image {path} has changed since the image was made; replay needs the original")
-
-
 def _lora_scale(args: argparse.Namespace, record: dict | None) -> float:
     if args.lora_scale is not None:
         return args.lora_scale
@@ -155,33 +116,20 @@ def _lora_scale(args: argparse.Namespace, record: dict | None) -> float:
     return 1.0
 
 
-def warn_replay_differences(record: dict, gen) -> None:
-    """Replay is bit-exact on the recorded model, device type and dtype; say so when one of them differs."""
-    here = gen.device.split(":")[0]
-    if record["model"]["hash"] != gen.info.hash:
-        print(f"warning: model hash {gen.info.hash} differs from the recorded {record['model']['hash']}", file=sys.stderr)
-    if record.get("device_type") and record["device_type"] != here:
-        print(f"warning: the image was made on {record['device_type']} and is replayed on {here}: pixels may differ",
-              file=sys.stderr)
-    if record.get("dtype") and record["dtype"] != gen.options.dtype:
-        print(f"warning: the image was made in {record['dtype']} and is replayed in {gen.options.dtype}: pixels may "
-              "differ", file=sys.stderr)
-
-
 def run(args: argparse.Namespace, img2img: bool = False) -> int:
     check_args(args, img2img)
-    from ldm_pipeline.pipeline import RANDOM, RuntimeOptions, check_outdir
+    from ldm_pipeline.outputs import check_outdir
+    from ldm_pipeline.replay import read_record, recorded_model
+    from ldm_pipeline.settings import RANDOM, RuntimeOptions
 
     outdir = Path(args.outdir)
     check_outdir(outdir)
     record = None
     if args.replay:
-        from ldm_pipeline.metadata import read_record
-
         record = read_record(args.replay)
         if (record.get("mode") == "img2img") != img2img:
             raise UserError(f"{args.replay} was made by {record.get('mode')}: replay it with 'ldm {record.get('mode')}'")
-    model = args.model or (record["model"]["path"] or record["model"]["name"] if record else None)
+    model = args.model or (recorded_model(record) if record else None)
     options = RuntimeOptions(
         device=args.device,
         dtype=args.dtype or (record["dtype"] if record else "fp32"),
@@ -201,6 +149,8 @@ def run(args: argparse.Namespace, img2img: bool = False) -> int:
     if record is not None:
         if world_size() > 1:
             raise UserError("--replay regenerates one image: run it as one process (without torchrun or accelerate launch)")
+        from ldm_pipeline.replay import jobs_from_record
+
         state, jobs = None, jobs_from_record(record)
         batch_size, keep = len(jobs), {0}
     else:
@@ -210,11 +160,12 @@ def run(args: argparse.Namespace, img2img: bool = False) -> int:
         batch_size, keep = args.batch_size, None
 
     with split_jobs(jobs, outdir, state) as (my_jobs, start_number):
-        from ldm_pipeline.pipeline import Generator
+        from ldm_pipeline.generator import ImageGenerator
+        from ldm_pipeline.replay import replay_warnings
 
-        gen = Generator.load(model, options)
-        if record is not None:
-            warn_replay_differences(record, gen)
+        gen = ImageGenerator.load(model, options)
+        for warning in replay_warnings(record, gen) if record is not None else ():
+            print(f"warning: {warning}", file=sys.stderr)
         return generate_and_save(gen, my_jobs, args, outdir, start_number, state, batch_size, keep)
 
 
@@ -225,7 +176,7 @@ def generate_and_save(gen, jobs: list, args: argparse.Namespace, outdir: Path, s
     from tqdm import tqdm
 
     from ldm_pipeline.grid import make_grid
-    from ldm_pipeline.pipeline import save_png
+    from ldm_pipeline.outputs import save_png
 
     jobs = [gen.resolve(j) for j in jobs]  # settings errors (size, steps × strength …) before any progress bar
     main_process = state is None or state.is_local_main_process

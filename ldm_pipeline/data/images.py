@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldm_pipeline.data.stats import DataStats
+from ldm_pipeline.images import to_rgb  # one conversion for training data and init images
 
 
 class SkipSample(Exception):
@@ -54,26 +55,6 @@ def decode_image(data: bytes | str, max_pixels: int, stats: DataStats | None = N
         raise SkipSample("missing_file") from None
     except Exception as e:  # PIL plugins raise OSError, SyntaxError, struct.error, ... for broken files
         raise SkipSample("truncated_image" if "truncated" in str(e).lower() else "corrupt_image") from None
-
-
-def to_rgb(img: Image.Image, stats: DataStats | None = None) -> Image.Image:
-    """Any PIL mode → RGB: alpha composited on white, 16/32-bit scaled to 8-bit, CMYK/palette/gray converted."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if stats is not None:
-        stats.note(f"converted_{mode.replace(';', '_')}")
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        scale = 257.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 1.0
-        img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), "L")
-    if mode in ("P", "PA") or "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "RGBa", "La"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, img).convert("RGB")
-    return img.convert("RGB")
 
 
 def resize_and_crop(img: Image.Image, size: tuple[int, int], center_crop: bool, random_flip: bool,

@@ -1,0 +1,54 @@
+"""The package's shape: modules that import each other in one direction only."""
+
+import ast
+from pathlib import Path
+
+import ldm_pipeline
+
+ROOT = Path(ldm_pipeline.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """ldm_pipeline modules `path` imports anywhere (function-level imports included: they hide cycles, not
+    remove them)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from pkg import sub` depends on the submodule; `from mod import name` on the module
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                     for a in node.names]
+        found |= {n for n in names if n in modules}
+    me = module_name(path)
+    return {n for n in found if not me.startswith(n + ".")}  # a module's own parent packages run first anyway
+
+
+def test_no_import_cycles():
+    files = {module_name(p): p for p in ROOT.rglob("*.py")}
+    modules = set(files)
+    graph = {m: imports_of(p, modules) - {m} for m, p in files.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycle = stack[stack.index(n):] + [n]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
