@@ -10,16 +10,8 @@ import pytest
 from PIL import Image
 
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.evaluation import (
-    Expected,
-    classify,
-    evaluate,
-    make_grid,
-    parse_prompt,
-    score,
-    score_recolour,
-)
-from ldm_pipeline.shapes import (
+from ldm_pipeline.grid import make_grid
+from ldm_pipeline.shapes.domain import (
     CAPTION_TEMPLATES,
     COLOURS,
     HELD_OUT,
@@ -33,6 +25,7 @@ from ldm_pipeline.shapes import (
     render,
     sample_spec,
 )
+from ldm_pipeline.shapes.scoring import Expected, classify, evaluate, parse_prompt, score, score_recolour
 
 
 def jpeg(img: Image.Image, quality: int = 95) -> Image.Image:
@@ -217,7 +210,7 @@ def test_recolour_skips_unrecognised_shapes():
     "a green unknown" would be nonsense (the shipped model's first recipe run stopped there)."""
     from types import SimpleNamespace
 
-    from ldm_pipeline.evaluation.adherence import EvalSettings, run_eval
+    from ldm_pipeline.shapes.evaluate import EvalSettings, run_eval
 
     cross = np.zeros((64, 64, 3), np.uint8)
     cross[:] = (40, 80, 220)
@@ -243,8 +236,8 @@ def test_recolour_skips_unrecognised_shapes():
 def test_caption_separation_shows_words_the_text_encoder_ignores(generator, monkeypatch):
     """Per attribute, how far apart the text encoder puts captions differing only in it: > 0 for a (random) text
     encoder that reads the words; exactly 0 for the attributes whose words it maps to the same vectors."""
-    from ldm_pipeline.evaluation.adherence import caption_separation
-    from ldm_pipeline.pipeline import Job
+    from ldm_pipeline.settings import Job
+    from ldm_pipeline.shapes.evaluate import caption_separation
 
     sep = caption_separation(generator)
     assert set(sep) == {"colour", "shape", "background", "position"}

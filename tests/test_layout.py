@@ -52,3 +52,11 @@ def test_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+def test_the_toolkit_never_imports_the_shapes_demo():
+    files = {module_name(p): p for p in ROOT.rglob("*.py")}
+    modules = set(files)
+    users = sorted(m for m, p in files.items() if not m.startswith("ldm_pipeline.shapes")
+                   and any(n.startswith("ldm_pipeline.shapes") for n in imports_of(p, modules)))
+    assert users == [], users  # the demo builds on the toolkit, never the other way (cli's COMMANDS names it by string)

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from ldm_pipeline.cli import main as ldm_main
 
 
+@pytest.mark.slow  # every stage, run five times (minutes on 2 CPU cores)
 def test_recipe_tiny_budget_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "recipe"
     assert ldm_main(["recipe", "shapes", "--output-dir", str(out), "--budget", "tiny", "--no-progress"]) == 0
@@ -33,7 +36,7 @@ def test_recipe_tiny_budget_end_to_end(tmp_path, capsys, monkeypatch):
                      "eval_recolour=1"]) == 0
     assert scores.stat().st_mtime_ns != evaluated
     # so does a changed evaluator: scores of older evaluation code are not reused
-    import ldm_pipeline.recipes.shapes as recipe
+    import ldm_pipeline.shapes.recipe as recipe
 
     evaluated = scores.stat().st_mtime_ns
     with monkeypatch.context() as m:

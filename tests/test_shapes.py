@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.shapes import (
+from ldm_pipeline.shapes.domain import (
     CAPTION_TEMPLATES,
     COLOURS,
     HELD_OUT,
@@ -206,7 +206,7 @@ def test_shard_layout_is_img2dataset(shards):
 def test_shards_hold_what_their_metadata_says(shards):
     import pyarrow.parquet as pq
 
-    from ldm_pipeline.shapes import ShapeSpec
+    from ldm_pipeline.shapes.domain import ShapeSpec
 
     out, _ = shards
     rows = [r for s in range(3) for r in pq.read_table(out / "a" / f"{s:05d}.parquet").to_pylist()]

@@ -9,8 +9,8 @@ from ldm_pipeline.cli import main as ldm_main
 
 def test_make_shapes_reads_back_through_the_training_loader(tmp_path):
     from ldm_pipeline.data import DataConfig, build_dataset, make_dataloader
-    from ldm_pipeline.evaluation import parse_prompt
-    from ldm_pipeline.shapes import HELD_OUT
+    from ldm_pipeline.shapes.domain import HELD_OUT
+    from ldm_pipeline.shapes.scoring import parse_prompt
 
     out = tmp_path / "shapes"
     assert ldm_main(["make-shapes", "--output", str(out), "--num-samples", "60", "--seed", "1",
@@ -34,8 +34,8 @@ class Oracle:
     """Draws exactly what each prompt asks (and recolours perfectly): the harness must score it 100 %."""
 
     def generate(self, jobs, batch_size=1):
-        from ldm_pipeline.evaluation import parse_prompt
-        from ldm_pipeline.shapes import ShapeSpec, render
+        from ldm_pipeline.shapes.domain import ShapeSpec, render
+        from ldm_pipeline.shapes.scoring import parse_prompt
 
         centres = {None: (32, 32), "in the center": (32, 32), "on the left": (14, 32), "on the right": (50, 32),
                    "at the top": (32, 14), "at the bottom": (32, 50)}
@@ -47,7 +47,7 @@ class Oracle:
 
 
 def test_eval_harness_scores_an_oracle_perfectly():
-    from ldm_pipeline.evaluation.adherence import EvalSettings, run_eval
+    from ldm_pipeline.shapes.evaluate import EvalSettings, run_eval
 
     result = run_eval(Oracle(), EvalSettings(seeds_per_prompt=1, recolour_prompts=10, caption_separation=False),
                       progress=False)

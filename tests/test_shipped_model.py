@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ldm_pipeline.evaluation.shapes import classify, parse_prompt
 from ldm_pipeline.models import SHIPPED_MODEL, default_model
+from ldm_pipeline.shapes.scoring import classify, parse_prompt
 from tests.conftest import run_cli
 
 # `ldm recipe shapes --package` puts the model there; a source tree without it (a fork, a bare checkout) skips these.
@@ -43,7 +43,8 @@ def test_shipped_model_is_the_default_and_small():
 
 @pytest.fixture(scope="module")
 def shipped():
-    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator as Generator
+    from ldm_pipeline.settings import RuntimeOptions
 
     return Generator.load(None, RuntimeOptions(device="cpu"))
 
@@ -57,7 +58,7 @@ def test_shipped_model_records_its_defaults(shipped):
 
 
 def test_shipped_model_follows_prompts(shipped):
-    from ldm_pipeline.pipeline import Job
+    from ldm_pipeline.settings import Job
 
     jobs = [Job(p, seed=s, index=i) for i, (p, s) in enumerate(PROMPTS)]
     layout_right, all_right, seen = [], [], []

@@ -7,10 +7,12 @@ Commands (``ldm COMMAND --help`` for each):
   train        fine-tune or train a model on LAION-style caption data (accelerate launch / torchrun)
   export       convert a model folder to a single-file (CompVis layout) .safetensors checkpoint
   train-vae    train the autoencoder (stage 1 of training from scratch)
+  doctor       versions, devices and the shipped model's place, for bug reports
+
+The shapes demo (ldm_pipeline/shapes/, the shipped model's world):
   make-shapes  write the synthetic shapes dataset (img2dataset-layout shards)
   eval         score prompt adherence in the shapes domain (txt2img and img2img recolour)
   recipe       a whole multi-stage training recipe (shapes: the shipped model)
-  doctor       versions, devices and the shipped model's place, for bug reports
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ldm_pipeline.cli.train", "train or fine-tune on LAION-style caption data"),
     "export": ("ldm_pipeline.cli.export", "write a model folder as a single-file .safetensors checkpoint"),
     "train-vae": ("ldm_pipeline.cli.train_vae", "train the autoencoder (stage 1 of training from scratch)"),
-    "make-shapes": ("ldm_pipeline.cli.make_shapes", "write the synthetic shapes dataset as webdataset shards"),
-    "eval": ("ldm_pipeline.cli.eval", "score prompt adherence of a model in the shapes domain"),
-    "recipe": ("ldm_pipeline.cli.recipe", "run a whole training recipe (shapes: the shipped model) as one command"),
     "doctor": ("ldm_pipeline.cli.doctor", "print versions, devices and known problems, for bug reports"),
+    # the shapes demo (ldm_pipeline/shapes/): its commands live with it
+    "make-shapes": ("ldm_pipeline.shapes.cli_make_shapes", "shapes demo: write its dataset as webdataset shards"),
+    "eval": ("ldm_pipeline.shapes.cli_eval", "shapes demo: score a model's prompt adherence in the shapes domain"),
+    "recipe": ("ldm_pipeline.shapes.cli_recipe", "shapes demo: train the shipped model, every stage, as one command"),
 }
 
 

@@ -139,7 +139,7 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
     # 1. data
     data = out / "data"
     if not (data / "done").is_file():
-        from ldm_pipeline.shapes import write_shards
+        from ldm_pipeline.shapes.domain import write_shards
 
         with _timed(out, times, "data"):
             if data.exists():
@@ -250,23 +250,23 @@ def _assemble(spec: ModelSpec, seed: int, vae_dir: Path, init: Path) -> None:
 
 
 def _evaluator_hash() -> str:
-    """Hash of the evaluation code: scores saved by an older evaluator are computed again, not reused."""
+    """Hash of the evaluation code and the domain it takes its prompts and position rule from: scores saved by an
+    older evaluator are computed again, not reused."""
     import hashlib
 
-    import ldm_pipeline.evaluation as evaluation
-
     h = hashlib.sha256()
-    for path in sorted(Path(evaluation.__file__).parent.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    for name in ("domain.py", "scoring.py", "evaluate.py"):
+        h.update(name.encode() + b"\0" + Path(__file__).with_name(name).read_bytes())
     return h.hexdigest()[:16]
 
 
 def _evaluate(r: ShapesRecipe, model: Path, out: Path) -> tuple[dict[str, Any], bool]:
     """The evaluation's scores, and whether they were computed now (False: reused)."""
-    from ldm_pipeline.evaluation.adherence import EvalSettings, run_eval
+    from ldm_pipeline.generator import ImageGenerator as Generator
     from ldm_pipeline.grid import make_grid
     from ldm_pipeline.models import folder_hash
-    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+    from ldm_pipeline.settings import RuntimeOptions
+    from ldm_pipeline.shapes.evaluate import EvalSettings, run_eval
 
     out.mkdir(parents=True, exist_ok=True)
     key = {"model": folder_hash(model), "evaluator": _evaluator_hash(), "seed": r.seed,

@@ -1,6 +1,6 @@
 """The shapes domain of the shipped model: one coloured shape on a plain background, captions, and shards.
 
-The domain is small and fixed so that prompt adherence can be measured exactly (`ldm_pipeline.evaluation.shapes`
+The domain is small and fixed so that prompt adherence can be measured exactly (`ldm_pipeline.shapes.scoring`
 reads colour, shape, background and position back from pixels):
 
 * 64×64 RGB images; colours from `COLOURS` (training shades jitter ±8 per channel), shapes from `SHAPES`
@@ -19,7 +19,7 @@ coin toss; `sample_spec` places half of its shapes clearly inside a chosen regio
 `write_shards` writes what img2dataset writes (webdataset tars + parquet + stats json) so the training data
 layer reads the synthetic set exactly like a LAION download::
 
-    from ldm_pipeline.shapes import write_shards
+    from ldm_pipeline.shapes.domain import write_shards
     write_shards("data/shapes", num_samples=50_000, seed=0)
 """
 

@@ -3,10 +3,10 @@
 `classify` finds the background (the commonest palette colour on the image border), the one shape (the largest
 connected region far from the background), its colour (nearest palette colour to the median of its inner
 pixels), its type (best overlap with an ideal square / circle / upright triangle fitted to its bounding box) and
-its position (bounding-box centre through `ldm_pipeline.shapes.position_label`, the rule the generator uses).
+its position (bounding-box centre through `ldm_pipeline.shapes.domain.position_label`, the rule the generator uses).
 Noise, blank or cluttered images give ``found=False``, which every score counts as wrong.
 
-`parse_prompt` reads every caption phrasing `ldm_pipeline.shapes` generates (and, loosely, other prompts that
+`parse_prompt` reads every caption phrasing `ldm_pipeline.shapes.domain` generates (and, loosely, other prompts that
 name one colour, one shape and a "... background"); `score` compares the two, `evaluate` aggregates a Report with
 held-in / held-out accuracy and confusion matrices, `score_recolour` checks an img2img colour edit.
 """
@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.shapes import CAPTION_TEMPLATES, COLOURS, HELD_OUT, POSITIONS, SHAPES, position_label
+from ldm_pipeline.shapes.domain import CAPTION_TEMPLATES, COLOURS, HELD_OUT, POSITIONS, SHAPES, position_label
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _PALETTE_NAMES], dtype=np.float32)

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: choose a new --output folder")
-    from ldm_pipeline.shapes import write_shards
+    from ldm_pipeline.shapes.domain import write_shards
 
     summary = write_shards(out, args.num_samples, seed=args.seed, samples_per_shard=args.samples_per_shard,
                            workers=args.workers)

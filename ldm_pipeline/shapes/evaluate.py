@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ldm_pipeline.evaluation.shapes import Report, classify, evaluate, score_recolour
-from ldm_pipeline.shapes import COLOURS, POSITIONS, SHAPES, canonical_prompt, eval_prompts
+from ldm_pipeline.shapes.domain import COLOURS, POSITIONS, SHAPES, canonical_prompt, eval_prompts
+from ldm_pipeline.shapes.scoring import Report, classify, evaluate, score_recolour
 
 
 @dataclass
@@ -68,7 +68,7 @@ def caption_separation(generator) -> dict[str, float]:
 
     import torch
 
-    from ldm_pipeline.pipeline import Job
+    from ldm_pipeline.settings import Job
 
     def emb(prompt: str):
         return generator.encode(Job(prompt))[0][0].float()
@@ -100,7 +100,7 @@ def run_eval(generator, settings: EvalSettings, progress: bool = True, tmp_dir: 
 
     from tqdm import tqdm
 
-    from ldm_pipeline.pipeline import Job
+    from ldm_pipeline.settings import Job
 
     sets = {k: v[: settings.max_prompts_per_set] for k, v in eval_prompts().items()}
     prompts = sets["held_in"] + sets["held_out"] + sets["position"]

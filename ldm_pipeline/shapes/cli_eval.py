@@ -46,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seeds_per_prompt < 1:
         raise UserError("--seeds-per-prompt must be at least 1")
-    from ldm_pipeline.evaluation.adherence import EvalSettings, run_eval
+    from ldm_pipeline.generator import ImageGenerator as Generator
     from ldm_pipeline.grid import make_grid
-    from ldm_pipeline.pipeline import Generator, RuntimeOptions, check_outdir
+    from ldm_pipeline.outputs import check_outdir
+    from ldm_pipeline.settings import RuntimeOptions
+    from ldm_pipeline.shapes.evaluate import EvalSettings, run_eval
 
     out = Path(args.output_dir)
     check_outdir(out)

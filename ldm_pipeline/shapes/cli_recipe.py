@@ -31,7 +31,7 @@ def build_parser(prog: str = "ldm recipe") -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ldm_pipeline.config import from_dict, merge, parse_overrides, to_dict
     from ldm_pipeline.extras import require_all
-    from ldm_pipeline.recipes.shapes import TINY_BUDGET, ShapesRecipe, run_recipe
+    from ldm_pipeline.shapes.recipe import TINY_BUDGET, ShapesRecipe, run_recipe
 
     # every stage's needs, checked before the first stage writes anything
     require_all(("pyarrow", "webdataset", "braceexpand", "fsspec", "tokenizers", "tensorboard"), "ldm recipe")
