@@ -21,7 +21,7 @@ from ldm_pipeline.errors import UserError
 from ldm_pipeline.images import load_init_image
 from ldm_pipeline.models import GenerationDefaults, ModelInfo
 from ldm_pipeline.replay import batch_member, make_record
-from ldm_pipeline.schedulers import check_scheduler_name
+from ldm_pipeline.schedulers import check_scheduler_name, check_steps
 from ldm_pipeline.settings import (
     DIFFUSERS_SIZE_MULTIPLE,
     RANDOM,
@@ -188,6 +188,8 @@ class ImageGenerator:
         else:
             job.height = job.height or d.height
             job.width = job.width or d.width
+        if problem := check_steps(job.scheduler, self._scheduler(job.scheduler), job.num_inference_steps, img2img):
+            raise UserError(problem)
         m = self.size_multiple(img2img)
         for name in ("height", "width"):
             v = getattr(job, name)

@@ -115,8 +115,8 @@ def check_setting(name: str, value: Any) -> str | None:
         return f"must be >= 0 (got {value})"
     if name in ("guidance_rescale", "guidance_cutoff") and not 0 <= value <= 1:
         return f"must be in [0, 1] (got {value})"
-    if name == "eta" and value < 0:
-        return f"must be >= 0 (got {value})"
+    if name == "eta" and not 0 <= value <= 1:  # DDIM's sigma formula goes NaN past 1 (as A1111, 0..1)
+        return f"must be in [0, 1] (got {value})"
     if name == "strength" and not 0 < value <= 1:
         return f"must be in (0, 1] (got {value})"
     if name == "seed" and value != RANDOM and not 0 <= value <= MAX_SEED:

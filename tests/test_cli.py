@@ -161,7 +161,8 @@ ERROR_CASES = [
     (["txt2img", "x", "--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1]"),
     (["txt2img", "x", "--guidance-cutoff", "1.5"], "--guidance-cutoff must be in [0, 1]"),
     (["txt2img", "--replay", "{tmp}/made.png", "--guidance-cutoff", "0.5"], "drop --guidance-cutoff"),
-    (["txt2img", "x", "--eta", "-1"], "--eta must be >= 0"),
+    (["txt2img", "x", "--eta", "-1"], "--eta must be in [0, 1]"),
+    (["txt2img", "x", "--eta", "1.5", "--scheduler", "ddim"], "--eta must be in [0, 1]"),  # NaN past 1
     (["txt2img", "x", "--clip-skip", "0"], "--clip-skip must be at least 1"),
     (["txt2img", "x", "--eta", "0.5", "--scheduler", "euler"], "--eta applies to the ddim scheduler only"),
     (["txt2img", "x", "--eta", "0.5", "--scheduler", "ddpm"], "--eta applies to the ddim scheduler only, not ddpm"),

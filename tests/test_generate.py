@@ -155,7 +155,7 @@ def test_eta_changes_ddim_only(generator):
         ({"clip_skip": 3}, "clip skip must be 1..2"),
         ({"guidance_rescale": 1.5}, r"guidance rescale must be in \[0, 1\]"),
         ({"guidance_cutoff": -0.1}, r"guidance cutoff must be in \[0, 1\]"),
-        ({"eta": -0.5}, "eta must be >= 0"),
+        ({"eta": -0.5}, "eta must be in \\[0, 1\\]"),
     ],
 )
 def test_bad_settings(generator, kw, message):

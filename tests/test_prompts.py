@@ -167,7 +167,7 @@ def test_prompt_files_with_a_utf8_bom(tmp_path, name, content):
         ({"guidance_scale": -1}, "guidance_scale must be >= 0"),
         ({"guidance_rescale": 1.5}, r"guidance_rescale must be in \[0, 1\]"),
         ({"guidance_cutoff": 2}, r"guidance_cutoff must be in \[0, 1\]"),
-        ({"eta": -0.1}, "eta must be >= 0"),
+        ({"eta": -0.1}, "eta must be in \\[0, 1\\]"),
         ({"clip_skip": 0}, "clip_skip must be at least 1"),
         ({"strength": 0}, r"strength must be in \(0, 1\]"),
         ({"width": -8}, "width must be positive"),
