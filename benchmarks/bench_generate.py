@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     from ldm_pipeline.errors import UserError
-    from ldm_pipeline.pipeline import Generator, Job, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator as Generator
+    from ldm_pipeline.settings import Job, RuntimeOptions
 
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ldm_pipeline.data.fixtures import write_laion_fixture
+    from ldm_pipeline.shapes.domain import write_shards  # what `ldm make-shapes` writes
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_train: {e}", file=sys.stderr)
             return 2
         data = work / "data"
-        write_laion_fixture(data, n=args.samples, shards=4, sizes=((args.resolution, args.resolution),))
+        # img2dataset-style shards; the loader resizes/crops them to --resolution
+        write_shards(data, args.samples, seed=0, samples_per_shard=max(1, args.samples // 4))
         names = {"example": "diffusers-example loop", "ours": "ldm train", "ours_cached": "ldm train --cache-latents"}
         raw: dict[str, list[dict]] = {k: [] for k in names}
         for r in range(args.rounds):

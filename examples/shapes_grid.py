@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ldm_pipeline import Generator, Job, RuntimeOptions
+from ldm_pipeline import ImageGenerator, Job, RuntimeOptions
 from ldm_pipeline.grid import make_grid
 
 PROMPTS = [
@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--output", default="shapes_grid.png")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    gen = Generator.load(args.model, RuntimeOptions(device="cpu"))
+    gen = ImageGenerator.load(args.model, RuntimeOptions(device="cpu"))
     jobs = [Job(prompt, seed=args.seed + i, index=i) for i, prompt in enumerate(PROMPTS)]
     images = [r.image for r in gen.generate(jobs)]
     captions = [f"{prompt}{' (held out)' if i >= 6 else ''}" for i, prompt in enumerate(PROMPTS)]

@@ -17,7 +17,7 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     """ldm_pipeline modules `path` imports anywhere (function-level imports included: they hide cycles, not
     remove them)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -28,6 +28,19 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
         found |= {n for n in names if n in modules}
     me = module_name(path)
     return {n for n in found if not me.startswith(n + ".")}  # a module's own parent packages run first anyway
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node but those under ``if TYPE_CHECKING:`` (annotations only: never imported at run time)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                stack.extend(child.orelse)
+            else:
+                stack.append(child)
 
 
 def test_no_import_cycles():

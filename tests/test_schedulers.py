@@ -154,7 +154,8 @@ def test_check_steps_names_a_count_that_works(name):
 
 @pytest.fixture(scope="module")
 def shipped():
-    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator as Generator
+    from ldm_pipeline.settings import RuntimeOptions
 
     return Generator.load(None, RuntimeOptions(device="cpu"))
 

@@ -3,9 +3,10 @@
   ldm train --config sd15_finetune --model runwayml/stable-diffusion-v1-5 --data 'shards/{00000..00099}.tar' \\
       --output-dir runs/sd15-ft
   ldm train --config sd15_lora --model sd15.safetensors --data shards/ --output-dir runs/lora --lora-rank 8
-  ldm train --config tiny_test --model config:tiny --data fixtures/ --output-dir runs/tiny max_steps=30 \\
+  ldm train --config tiny_test --model config:tiny --data shapes/ --output-dir runs/tiny max_steps=30 \\
       data.random_flip=true                                   # config:NAME: random weights, configs/models/NAME.yaml
-  ldm train --config tiny_test ... --resume latest            # continue after a crash or preemption
+  ldm train --config tiny_test ... --resume latest            # continue after a crash or preemption (same model,
+                                                              # caching and training settings, or exit 2)
   accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m ldm_pipeline train --config ...
   torchrun --nproc_per_node 8 -m ldm_pipeline train --config ...
 
@@ -45,6 +46,9 @@ def build_parser(prog: str = "ldm train") -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, help="optimizer steps between sample grids; 0 = off (default 500)")
     p.add_argument("--seed", type=int, help="seed of noise, timesteps and random model init (default 0)")
     p.add_argument("--resume", help="'latest' (newest checkpoint in --output-dir, or a fresh start) or a checkpoint path")
+    p.add_argument("--allow-resume-changes", action="store_true", default=None,
+                   help="resume even from a checkpoint of another --model, another --cache-latents setting or a changed "
+                        "training config (refused by default; max_steps, intervals and output paths may always change)")
     p.add_argument("--overwrite", action="store_true", default=None, help="delete a non-empty --output-dir and start over")
     p.add_argument("--cache-latents", action="store_true", default=None, help="encode images/captions once, then train on the cache")
     p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the full UNet (0 = off)")
@@ -66,6 +70,7 @@ def config_from_args(args: argparse.Namespace):
         "learning_rate": args.learning_rate, "lr_warmup_steps": args.lr_warmup_steps,
         "checkpoint_every": args.checkpoint_every,
         "validate_every": args.validate_every, "seed": args.seed, "resume": args.resume, "overwrite": args.overwrite,
+        "allow_resume_changes": args.allow_resume_changes,
         "cache_latents": args.cache_latents, "train_text_encoder": args.train_text_encoder,
         "mixed_precision": args.mixed_precision, "report_to": args.report_to, "progress_bar": args.progress_bar,
         "data": {"source": args.data, "format": args.data_format, "resolution": args.resolution},

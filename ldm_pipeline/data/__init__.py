@@ -16,7 +16,7 @@ the batches the uninterrupted run would have, without re-reading the samples bef
 
 Public surface: `DataConfig`, `FilterConfig`, `build_dataset`, `make_dataloader`, `LoaderState`,
 `ShardedCaptionDataset`, `DataStats`, `open_sources`, `tokenize_captions`, `make_buckets`.
-Test fixtures that write img2dataset-style data: `ldm_pipeline.data.fixtures`.
+Test fixtures that write img2dataset-style data: `tests/fixtures.py` (in the repository, not the package).
 """
 
 from ldm_pipeline.data.config import DataConfig, FilterConfig

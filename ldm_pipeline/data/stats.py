@@ -51,3 +51,17 @@ class DataStats:
         """Inverse of `to_dict`."""
         return cls(int(data.get("seen", 0)), int(data.get("used", 0)), dict(data.get("skipped", {})),
                    dict(data.get("events", {})))
+
+
+def merge_stat_dicts(items: list[dict]) -> dict[str, Any]:
+    """Several ranks' `DataStats.to_dict()` (gathered; an empty one from a rank with none) as one."""
+    total = DataStats()
+    for d in items:
+        if d:
+            total = total.merge(DataStats.from_dict(d))
+    return total.to_dict()
+
+
+def summarize(stats: dict[str, Any]) -> str:
+    """`DataStats.summary()` of a stats dict."""
+    return DataStats.from_dict(stats).summary()

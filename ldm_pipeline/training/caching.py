@@ -72,7 +72,7 @@ def rank_dir(cache_dir: Path, rank: int, world_size: int) -> Path:
 @torch.no_grad()
 def build_cache(cache_dir: Path, data: DataConfig, batch_size: int, vae, text_encoder, tokenizer, device, dtype,
                 model_hash: str, cache_embeddings: bool, rank: int, world_size: int,
-                progress: bool = False) -> dict[str, Any]:
+                progress: bool = False) -> dict[str, Any]:  # ~100 lines: one pass with its buffers, top to bottom
     """Encode this rank's share of one epoch into ``cache_dir/rankRofW`` (no-op when a matching cache exists).
     Returns the manifest. No collective ops: call ``accelerator.wait_for_everyone()`` after it."""
     from safetensors.torch import save_file

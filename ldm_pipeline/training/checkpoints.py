@@ -1,8 +1,9 @@
 """Checkpoint directories ``OUTPUT_DIR/checkpoint-STEP`` (diffusers' naming), written atomically.
 
 A checkpoint is assembled in ``OUTPUT_DIR/.checkpoint-STEP.tmp`` by every rank (accelerate's ``save_state``: model,
-optimizer, grad scaler, registered objects, each rank's RNG states; plus each rank's data position and noise
-generator in ``rank_states/``), fsynced, then renamed into place by the main process. A run killed at any moment
+optimizer, grad scaler, registered objects, each rank's RNG states; plus each rank's part of the `TrainState` in
+``rank_states/``), fsynced, then renamed into place by the main process. `ldm train-vae` (one process, no
+accelerate) writes its checkpoints, and checks its output dir, with the same functions. A run killed at any moment
 leaves either a complete ``checkpoint-STEP`` or a ``.tmp`` that `latest_checkpoint` never picks (and the next save
 deletes). The output directory must be shared by all ranks (as for diffusers' scripts).
 
@@ -130,10 +131,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    from ldm_pipeline.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def encode_bytes(t) -> str:
@@ -148,36 +148,124 @@ def decode_bytes(text: str):
     return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, rank_state: dict[str, Any],
-                    write_main: Callable[[Path], None], total_limit: int | None) -> Path:
-    """Collective: every rank calls it. Returns ``OUTPUT_DIR/checkpoint-STEP``.
-
-    `rank_state` is this rank's JSON (data position, noise generator); `write_main(tmp_dir)` writes the main
-    process's extras (config, pipeline folder, training_state.json).
-    """
+def save_checkpoint(output_dir: Path, step: int, write_main: Callable[[Path], None], total_limit: int | None,
+                    accelerator=None, rank_state: dict[str, Any] | None = None) -> Path:
+    """``OUTPUT_DIR/checkpoint-STEP``, published whole by a rename. With an `accelerator` this is collective (every
+    rank calls it): accelerate's ``save_state`` and this rank's `rank_state` JSON go in first. `write_main(tmp_dir)`
+    then writes the main process's part (config, pipeline folder, and ``training_state.json`` last)."""
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
+    tmp = output_dir / f".checkpoint-{step}.tmp"  # one name every rank knows (a unique temp name would not be)
+    main = accelerator is None or accelerator.is_main_process
+    if main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    write_json(tmp / "rank_states" / f"rank{accelerator.process_index}.json", rank_state)
-    accelerator.wait_for_everyone()  # all ranks' files are in before the main process publishes
-    if accelerator.is_main_process:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        write_json(tmp / "rank_states" / f"rank{accelerator.process_index}.json", rank_state)
+        accelerator.wait_for_everyone()  # all ranks' files are in before the main process publishes
+    if main:
         write_main(tmp)
-        fsync_tree(tmp)
-        if final.exists():  # re-saving a step (resumed from an older checkpoint): swap the old one out first
-            old = output_dir / f".checkpoint-{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, final)
-        _fsync_dir(output_dir)
+        _publish(tmp, final)
         prune(output_dir, total_limit, protect=final)
-    accelerator.wait_for_everyone()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """fsync `tmp`, then rename it to `final` (an existing `final`, a step re-saved after resuming from an older
+    checkpoint, is swapped out first)."""
+    from ldm_pipeline.files import ordinary_modes
+
+    ordinary_modes(tmp)
+    fsync_tree(tmp)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def prepare_output_dir(output_dir: str | Path, resume: str | None, overwrite: bool, rank: int = 0,
+                       is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> Path | None:
+    """Check `output_dir` and return the checkpoint to resume from (None: a fresh start). Every rank checks (so
+    all raise together) before the main process touches anything: a non-empty folder needs `resume` or `overwrite`
+    (which empties it); half-written checkpoints of a killed run are removed."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output dir {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{rank}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to output dir {out}: {e.strerror or e}") from None
+    checkpoint = resolve_resume(out, resume)
+    entries = [p for p in out.iterdir() if not p.name.startswith(".write-test-")]
+    if entries and resume is None and not overwrite:
+        raise UserError(f"output dir {out} is not empty: pass --resume latest to continue that run, "
+                        "--overwrite to start over (deletes its contents), or another --output-dir")
+    barrier()
+    if is_main:
+        if overwrite and resume is None:
+            for p in entries:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        remove_stale_tmp(out)
+    barrier()
+    return checkpoint
+
+
+# Fields that may differ between a checkpoint's config and the run resuming from it: how long and how often, where
+# to, what to show (the model and caching are checked on their own). Anything else changes what is trained, and needs allow_resume_changes.
+RESUME_MAY_CHANGE = ("model", "cache_latents", "max_steps", "checkpoint_every", "checkpoints_total_limit", "checkpoint_pipeline",
+                     "validate_every", "validation.", "report_to", "log_every", "progress_bar", "output_dir",
+                     "resume", "overwrite", "cache_dir", "cache_batch_size", "allow_resume_changes", "eval_every",
+                     "num_eval_images", "eval_batch_size", "num_grid_images", "device", "num_threads")
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each training-relevant field (dotted) that differs between two config dicts."""
+    from ldm_pipeline.config import flatten
+
+    old, new = flatten(saved), flatten(now)
+    changed = []
+    for key in sorted(old.keys() & new.keys()):  # a field added or retired since is no change of this run's
+        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_MAY_CHANGE):
+            continue
+        if old[key] != new[key]:
+            changed.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return changed
+
+
+def check_resume(checkpoint: Path, config_file: str, config: dict[str, Any], model_hash: str | None = None,
+                 cache_latents: bool | None = None) -> None:
+    """Refuse (one UserError line) to continue `checkpoint` with another model, another latent-caching mode or a
+    changed training config; the caller skips this when allow_resume_changes is set."""
+    from ldm_pipeline.config import load_yaml
+
+    hint = " (pass --allow-resume-changes to continue anyway)"
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    saved_hash = state.get("model_hash")
+    if model_hash is not None and saved_hash and saved_hash != model_hash:
+        raise UserError(f"cannot resume {checkpoint}: it was trained from model {state.get('model')} (hash "
+                        f"{saved_hash}), --model is a different one (hash {model_hash}){hint}")
+    if cache_latents is not None:
+        saved_cached = state.get("cache_latents")
+        if saved_cached is None:  # older checkpoints: the latent cache's position is {"epoch", "index"}
+            data = read_rank_state(checkpoint, 0, int(state.get("world_size", 1))).get("data") or {}
+            saved_cached = "index" in data
+        if bool(saved_cached) != cache_latents:
+            raise UserError(f"cannot resume {checkpoint}: it was trained with cache_latents={bool(saved_cached)}, "
+                            f"this run has cache_latents={cache_latents} (its data position would not apply){hint}")
+    if (checkpoint / config_file).is_file():
+        changed = config_changes(load_yaml(checkpoint / config_file), config)
+        if changed:
+            raise UserError(f"cannot resume {checkpoint}: training config changed: {'; '.join(changed)}{hint}")
 
 
 def read_rank_state(checkpoint: Path, rank: int, world_size: int) -> dict[str, Any]:

@@ -139,11 +139,9 @@ class TrainConfig:
     # "latest" or a checkpoint-STEP path; later checkpoints in output_dir are renamed checkpoint-N.abandoned-TIME
     resume: str | None = None
     overwrite: bool = False  # allow a non-empty output_dir without resume (its contents are deleted)
-    # --- debugging and tests
-    log_sample_keys: bool = False  # each rank appends its batches' sample keys to OUTPUT_DIR/debug/
-    debug_nan_at_step: int | None = None  # make the loss NaN on the attempt(s) at this optimizer step
-    debug_nan_count: int = 1  # how many attempts in a row get a NaN loss
-    debug_sleep: float = 0.0  # seconds to sleep per optimizer step (lets tests kill a run mid-way)
+    # resume even from a checkpoint of another model, another cache_latents, or a changed training config (fields
+    # other than max_steps, checkpoint/validation/logging intervals and output paths); refused by default
+    allow_resume_changes: bool = False
 
 
 def load_train_config(path: str | Path | None = None, *layers: dict) -> TrainConfig:
@@ -265,8 +263,6 @@ def _check_ranges(c: TrainConfig) -> None:
             raise UserError(f"lr_decay_steps {c.lr_decay_steps} + lr_warmup_steps {c.lr_warmup_steps} must fit in "
                             f"max_steps {c.max_steps} for warmup_stable_decay (else its decay never ends): shorten "
                             "them or train longer")
-    need(c.debug_nan_count >= 1, "debug_nan_count", "at least 1", c.debug_nan_count)
-    need(c.debug_sleep >= 0, "debug_sleep", ">= 0", c.debug_sleep)
     v = c.validation
     if c.validate_every:
         need(v.num_inference_steps is None or v.num_inference_steps >= 1, "validation.num_inference_steps",

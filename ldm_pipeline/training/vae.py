@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +26,15 @@ from typing import Any, Literal
 from ldm_pipeline.config import load_config, resolve_config_path, save_yaml, to_dict
 from ldm_pipeline.data.config import DataConfig
 from ldm_pipeline.errors import UserError
+from ldm_pipeline.training.vae_metrics import (  # noqa: F401  (lr_lambda, psnr, ...: importable from here as before)
+    edge_loss,
+    evaluate,
+    lr_lambda,
+    psnr,
+    reconstruction_grid,
+    to_pil,
+    vae_loss,
+)
 
 CONFIG_FILE = "train_vae_config.yaml"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -223,148 +230,33 @@ def load_eval_images(shards, config: VAETrainConfig):
     return torch.cat(out)[: config.num_eval_images]
 
 
-# --- loss, metrics, schedule ----------------------------------------------------------------------------------
-
-
-def lr_lambda(step: int, c: VAETrainConfig) -> float:
-    """Multiplier of the peak learning rate: linear warm-up, then cosine or linear decay to `min_lr_ratio`."""
-    if step < c.lr_warmup_steps:
-        return (step + 1) / (c.lr_warmup_steps + 1)
-    if c.lr_scheduler == "constant":
-        return 1.0
-    t = min(1.0, (step - c.lr_warmup_steps) / max(1, c.max_steps - c.lr_warmup_steps))
-    decay = 0.5 * (1 + math.cos(math.pi * t)) if c.lr_scheduler == "cosine" else 1 - t
-    return c.min_lr_ratio + (1 - c.min_lr_ratio) * decay
-
-
-def vae_loss(x, recon, posterior, c: VAETrainConfig) -> tuple[Any, dict[str, float]]:
-    """Reconstruction (per pixel) + kl_weight · KL + edge_weight · gradient L1; returns (loss, parts).
-
-    KL is summed over latent elements and divided by the pixel count, so kl_weight means what it does in SD's
-    autoencoder (summed reconstruction + 1e-6 · summed KL) up to that common factor.
-    """
-    import torch.nn.functional as F
-
-    rec = F.mse_loss(recon, x) if c.reconstruction_loss == "mse" else F.l1_loss(recon, x)
-    kl = posterior.kl().mean() / x[0].numel()
-    loss = rec + c.kl_weight * kl
-    parts = {"rec": rec.item(), "kl": kl.item()}
-    if c.edge_weight > 0:
-        edge = edge_loss(x, recon)
-        loss = loss + c.edge_weight * edge
-        parts["edge"] = edge.item()
-    return loss, parts
-
-
-def edge_loss(x, recon):
-    """L1 between horizontal and vertical finite differences of the two images."""
-    dx = (recon[..., :, 1:] - recon[..., :, :-1]) - (x[..., :, 1:] - x[..., :, :-1])
-    dy = (recon[..., 1:, :] - recon[..., :-1, :]) - (x[..., 1:, :] - x[..., :-1, :])
-    return dx.abs().mean() + dy.abs().mean()
-
-
-def psnr(x, y):
-    """Per-image PSNR in dB of images in [-1, 1] (compared in [0, 1], reconstructions clamped)."""
-    import torch
-
-    a = (x.clamp(-1, 1) + 1) / 2
-    b = (y.clamp(-1, 1) + 1) / 2
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return -10 * torch.log10(mse)
-
-
-def evaluate(vae, images, c: VAETrainConfig, device, latents: bool = False) -> dict[str, Any]:
-    """Held-out PSNR (decoding the posterior mean); with `latents`, also the scaling factor and reconstructions.
-
-    The scaling factor is 1/std over all elements of the held-out latents: posterior samples by default, as SD
-    computed its 0.18215 (``scaling_latents="mean"`` uses the means). Samples come from a fixed generator, so the
-    training RNG is untouched.
-    """
-    import torch
-
-    was_training = vae.training
-    vae.eval()
-    gen = torch.Generator(device=device).manual_seed(c.seed + 1)
-    scores, zs, recons = [], [], []
-    with torch.no_grad():
-        for i in range(0, len(images), c.eval_batch_size):
-            x = images[i : i + c.eval_batch_size].to(device)
-            posterior = vae.encode(x).latent_dist
-            y = vae.decode(posterior.mode()).sample
-            scores.append(psnr(x, y).cpu())
-            if latents:
-                z = posterior.sample(generator=gen) if c.scaling_latents == "sample" else posterior.mode()
-                zs.append(z.float().cpu())
-                recons.append(y.cpu())
-    vae.train(was_training)
-    out: dict[str, Any] = {"psnr": float(torch.cat(scores).mean())}
-    if latents:
-        z = torch.cat(zs)
-        out.update(scaling_factor=float(1 / z.std()), latent_mean=float(z.mean()), latent_std=float(z.std()),
-                   reconstructions=torch.cat(recons))
-    return out
-
-
-def to_pil(t):
-    """[3,H,W] in [-1,1] → PIL image."""
-    import numpy as np
-    from PIL import Image
-
-    arr = ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(arr), "RGB")
-
-
-def reconstruction_grid(originals, reconstructions, n: int, scale: int = 2):
-    """Originals in the top row, their reconstructions below, upscaled `scale`× (nearest) to be seen."""
-    from PIL import Image
-
-    n = min(n, len(originals))
-    h, w = originals.shape[-2] * scale, originals.shape[-1] * scale
-    grid = Image.new("RGB", (max(1, n) * w, 2 * h), "white")
-    for i in range(n):
-        for row, t in enumerate((originals[i], reconstructions[i])):
-            grid.paste(to_pil(t).resize((w, h), Image.Resampling.NEAREST), (i * w, row * h))
-    return grid
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------------
+# --- checkpoints (the same folders, atomic publication, output-dir rules and resume as `ldm train`) ---------------
 
 
 def save_checkpoint(output_dir: Path, step: int, vae, optimizer, scheduler, state: dict[str, Any],
                     limit: int | None) -> Path:
-    """``checkpoint-STEP/`` written as ``.checkpoint-STEP.tmp``, fsynced, then renamed (never half-written)."""
+    """``checkpoint-STEP/``: vae/, optimizer.pt and training_state.json, published whole (`checkpoints`)."""
     import torch
 
     from ldm_pipeline.training import checkpoints as ckpt
 
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
-    ckpt.write_json(tmp / ckpt.STATE_FILE, state)  # last: its presence marks a complete checkpoint
-    ckpt.fsync_tree(tmp)
-    if final.exists():  # re-saving a step after resuming from an older checkpoint
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    ckpt.prune(output_dir, limit)
-    return final
+    def write(tmp: Path) -> None:
+        vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
+        ckpt.write_json(tmp / ckpt.STATE_FILE, {"global_step": step, **state})  # last: marks a complete checkpoint
+
+    return ckpt.save_checkpoint(output_dir, step, write, limit)
 
 
 def _prepare_output(c: VAETrainConfig) -> tuple[Path, Path | None]:
-    """The output dir, and the checkpoint to resume from (None = fresh start); refuses to mix runs."""
+    """The output dir, and the checkpoint to resume from (None = fresh start); refuses to mix runs, as `ldm train`
+    does (resume=latest without a checkpoint yet starts afresh in the same directory)."""
     from ldm_pipeline.training import checkpoints as ckpt
 
     out = Path(c.output_dir)
-    resume = ckpt.resolve_resume(out, c.resume)
-    # resume=latest without a checkpoint yet (killed before the first one) starts afresh in the same directory
-    if c.resume is None and out.is_dir() and any(out.iterdir()):
-        if not c.overwrite:
-            raise UserError(f"output directory {out} is not empty: pass resume=latest to continue, or overwrite=true")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_tmp(out)
+    resume = ckpt.prepare_output_dir(out, c.resume, c.overwrite)
+    if resume is not None:
+        ckpt.set_aside_future(out, ckpt.checkpoint_step(resume))
     return out, resume
 
 
@@ -413,111 +305,146 @@ def train_vae(config: VAETrainConfig) -> VAETrainResult:
         torch.set_num_threads(threads)  # process-wide setting: give it back to the caller
 
 
-def _train(c: VAETrainConfig, device) -> VAETrainResult:
+@dataclass
+class _VAEState:
+    """What a VAE checkpoint restores besides the weights, optimizer and LR schedule."""
+
+    step: int = 0
+    seconds: float = 0.0  # training wall time of the earlier sessions
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    psnr_history: list[tuple[int, float]] = field(default_factory=list)
+    data: dict[str, Any] | None = None  # LoaderState dict
+
+
+def _restore(resume: Path, vae, optimizer, scheduler, gen, device) -> tuple[Any, _VAEState]:
+    """Load a checkpoint into the optimizer, LR schedule, generators; returns (its VAE, its state)."""
     import torch
     from diffusers import AutoencoderKL
+
+    from ldm_pipeline.training import checkpoints as ckpt
+
+    saved_state = json.loads((resume / ckpt.STATE_FILE).read_text())
+    vae.load_state_dict(AutoencoderKL.from_pretrained(str(resume / "vae"), local_files_only=True).state_dict())
+    saved = torch.load(resume / OPTIMIZER_FILE, map_location=device, weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["lr_scheduler"])
+    gen.set_state(ckpt.decode_bytes(saved_state["generator"]))
+    torch.set_rng_state(ckpt.decode_bytes(saved_state["torch_rng"]))
+    return vae, _VAEState(int(saved_state.get("global_step", saved_state.get("step", 0))),
+                          float(saved_state["seconds"]), [tuple(x) for x in saved_state["losses"]],
+                          [tuple(x) for x in saved_state["psnr_history"]], saved_state["data"])
+
+
+def _train(c: VAETrainConfig, device) -> VAETrainResult:
+    import torch
     from tqdm.auto import tqdm
 
     from ldm_pipeline.data.dataset import LoaderState, ShardedCaptionDataset, make_dataloader
     from ldm_pipeline.training import checkpoints as ckpt
-    from ldm_pipeline.training.validation import draw_loss_curve
 
     train_shards, eval_shards = split_sources(c)
     vae, source = build_vae(c)  # before touching the output dir: a bad model spec leaves nothing behind
     out, resume = _prepare_output(c)
     save_yaml(c, out / CONFIG_FILE)
-
-    state: dict[str, Any] = {}
-    if resume is not None:
-        state = json.loads((resume / ckpt.STATE_FILE).read_text())
-        vae = AutoencoderKL.from_pretrained(str(resume / "vae"), local_files_only=True)
     vae.to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                   weight_decay=c.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, c))
     gen = torch.Generator(device=device).manual_seed(c.seed)  # posterior samples
-    step, losses, history, elapsed = 0, [], [], 0.0
-    loader_state = LoaderState()
+    state = _VAEState()
     if resume is not None:
-        saved = torch.load(resume / OPTIMIZER_FILE, map_location=device, weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["lr_scheduler"])
-        gen.set_state(ckpt.decode_bytes(state["generator"]))
-        torch.set_rng_state(ckpt.decode_bytes(state["torch_rng"]))
-        step, elapsed = int(state["step"]), float(state["seconds"])
-        losses = [tuple(x) for x in state["losses"]]
-        history = [tuple(x) for x in state["psnr_history"]]
-        loader_state = LoaderState.from_dict(state["data"])
+        vae, state = _restore(resume, vae, optimizer, scheduler, gen, device)
+    resumed_step = state.step if resume is not None else None
+    loader_state = LoaderState.from_dict(state.data) if state.data else LoaderState()
+
+    def save() -> None:
+        save_checkpoint(out, state.step, vae, optimizer, scheduler, {
+            "step": state.step, "seconds": time.perf_counter() - t0, "losses": state.losses,
+            "psnr_history": state.psnr_history, "generator": ckpt.encode_bytes(gen.get_state()),
+            "torch_rng": ckpt.encode_bytes(torch.get_rng_state()), "data": loader_state.to_dict(),
+            "model_source": source,
+        }, c.checkpoints_total_limit)
 
     eval_images = load_eval_images(eval_shards, c)
     dataset = ShardedCaptionDataset(train_shards, c.data, c.batch_size)
-    loader = make_dataloader(dataset, c.data.num_workers, loader_state if resume is not None else None)
-    bar = tqdm(total=c.max_steps, initial=step, disable=not c.progress_bar, desc="train-vae", dynamic_ncols=True)
-    t0 = time.perf_counter() - elapsed
-    it = iter(loader)
-    while step < c.max_steps:
+    it = iter(make_dataloader(dataset, c.data.num_workers, loader_state if resume is not None else None))
+    bar = tqdm(total=c.max_steps, initial=state.step, disable=not c.progress_bar, desc="train-vae", dynamic_ncols=True)
+    t0 = time.perf_counter() - state.seconds
+    saved_step = resumed_step
+    while state.step < c.max_steps:
         batch = next(it)
-        x = batch["pixel_values"].to(device)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss, _ = vae_loss(x, recon, posterior, c)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise UserError(f"loss became {value} at step {step}: lower learning_rate")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if c.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), c.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        value = _step(vae, optimizer, scheduler, batch["pixel_values"].to(device), gen, c, state.step)
         loader_state.update(batch["state"])
-        step += 1
-        losses.append((step, value))
+        state.step += 1
+        state.losses.append((state.step, value))
         bar.update(1)
         postfix = {"loss": f"{value:.4g}", "lr": f"{scheduler.get_last_lr()[0]:.2g}"}
-        if c.eval_every and step % c.eval_every == 0 and step < c.max_steps:
-            history.append((step, evaluate(vae, eval_images, c, device)["psnr"]))
-            bar.write(f"train-vae: step {step}: held-out PSNR {history[-1][1]:.2f} dB "
+        if c.eval_every and state.step % c.eval_every == 0 and state.step < c.max_steps:
+            state.psnr_history.append((state.step, evaluate(vae, eval_images, c, device)["psnr"]))
+            bar.write(f"train-vae: step {state.step}: held-out PSNR {state.psnr_history[-1][1]:.2f} dB "
                       f"({time.perf_counter() - t0:.0f} s)")
-        if history:
-            postfix["psnr"] = f"{history[-1][1]:.2f}"
+        if state.psnr_history:
+            postfix["psnr"] = f"{state.psnr_history[-1][1]:.2f}"
         bar.set_postfix(postfix, refresh=False)
-        if c.checkpoint_every and step % c.checkpoint_every == 0 and step < c.max_steps:
-            save_checkpoint(out, step, vae, optimizer, scheduler, {
-                "step": step, "seconds": time.perf_counter() - t0, "losses": losses, "psnr_history": history,
-                "generator": ckpt.encode_bytes(gen.get_state()), "torch_rng": ckpt.encode_bytes(torch.get_rng_state()),
-                "data": loader_state.to_dict(), "model_source": source,
-            }, c.checkpoints_total_limit)
+        if c.checkpoint_every and state.step % c.checkpoint_every == 0:
+            save()
+            saved_step = state.step
     bar.close()
+    if state.step > 0 and state.step != saved_step:
+        save()  # the last step always (checkpoint_every=0 too), so resume=latest continues or extends this run
+    return _finish(c, out, vae, eval_images, state, time.perf_counter() - t0, device)
+
+
+def _step(vae, optimizer, scheduler, x, gen, c: VAETrainConfig, step: int) -> float:
+    """One optimizer step on images `x`; returns the loss."""
+    import torch
+
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample(generator=gen)).sample
+    loss, _ = vae_loss(x, recon, posterior, c)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise UserError(f"loss became {value} at step {step}: lower learning_rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if c.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), c.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return value
+
+
+def _finish(c: VAETrainConfig, out: Path, vae, eval_images, state: _VAEState, seconds: float,
+            device) -> VAETrainResult:
+    """Final evaluation (PSNR, scaling factor), vae/ with it, the pictures and metrics.json."""
+    from ldm_pipeline.training import checkpoints as ckpt
+    from ldm_pipeline.training.validation import draw_loss_curve
 
     final = evaluate(vae, eval_images, c, device, latents=True)
-    seconds = time.perf_counter() - t0
-    history.append((step, final["psnr"]))
+    history = [*state.psnr_history, (state.step, final["psnr"])]
     vae.register_to_config(scaling_factor=final["scaling_factor"])
     vae_dir = _save_vae(vae, out / "vae")
     reconstruction_grid(eval_images, final["reconstructions"], c.num_grid_images).save(out / "reconstructions.png")
-    draw_loss_curve([s for s, _ in losses], [v for _, v in losses], out / "loss_curve.png")
-    recent = [v for _, v in losses[-20:]]
+    draw_loss_curve([s for s, _ in state.losses], [v for _, v in state.losses], out / "loss_curve.png")
+    recent = [v for _, v in state.losses[-20:]]
     result = VAETrainResult(
-        output_dir=str(out), vae_dir=str(vae_dir), steps=step, psnr=final["psnr"],
+        output_dir=str(out), vae_dir=str(vae_dir), steps=state.step, psnr=final["psnr"],
         scaling_factor=final["scaling_factor"], latent_mean=final["latent_mean"], seconds=seconds,
-        loss=sum(recent) / len(recent) if recent else None, psnr_history=history, losses=losses,
+        loss=sum(recent) / len(recent) if recent else None, psnr_history=history, losses=state.losses,
     )
     metrics = {k: v for k, v in to_dict(result).items() if k != "losses"}
     metrics.update(num_eval_images=len(eval_images), scaling_latents=c.scaling_latents, device=str(device),
-                   seconds_per_step=seconds / max(1, step))
+                   seconds_per_step=seconds / max(1, state.step))
     ckpt.write_json(out / "metrics.json", metrics)
     return result
 
 
 def _save_vae(vae, final: Path) -> Path:
     """save_pretrained into a temporary folder, then rename into place."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    from ldm_pipeline.files import atomic_dir
+
+    with atomic_dir(final, overwrite=True) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
     return final
 
 

@@ -50,11 +50,12 @@ def live_pipeline(components: dict, device) -> object:
 
 
 def sample_images(pipe, info, settings: ValidationSettings, height: int, width: int, device: str) -> list:
-    """One image per prompt through `ldm_pipeline.pipeline.Generator` (the `ldm txt2img` path); `settings` resolved
+    """One image per prompt through `ldm_pipeline.generator.ImageGenerator` (the `ldm txt2img` path); `settings` resolved
     (`resolve_settings`), so only the guidance cut-off comes from the model's defaults here."""
     import torch
 
-    from ldm_pipeline.pipeline import Generator, Job, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator as Generator
+    from ldm_pipeline.settings import Job, RuntimeOptions
 
     gen = Generator(pipe, info, RuntimeOptions(device=device), device)
     jobs = [Job(prompt=p, seed=settings.seed + i, num_inference_steps=settings.num_inference_steps,

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from ldm_pipeline.data import DataConfig
-from ldm_pipeline.data.fixtures import write_laion_fixture
+from tests.fixtures import write_laion_fixture
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -60,7 +60,7 @@ def test_make_buckets_kohya_style():
 
 
 def test_bucketed_batches_share_a_size(tmp_path, small_config, take_epoch):
-    from ldm_pipeline.data.fixtures import write_laion_fixture
+    from tests.fixtures import write_laion_fixture
 
     write_laion_fixture(tmp_path, n=30, shards=3, sizes=((96, 48), (48, 96), (64, 64), (80, 60)))
     config = small_config(tmp_path, resolution=128, bucketing=True, bucket_step=64, center_crop=False)

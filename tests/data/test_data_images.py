@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from ldm_pipeline.data import build_dataset
-from ldm_pipeline.data.fixtures import FIXABLE_KINDS, ODD_KINDS, _payload, fixture_image, write_laion_fixture
 from ldm_pipeline.data.images import SkipSample, decode_image, resize_and_crop
 from ldm_pipeline.data.stats import DataStats
+from tests.fixtures import FIXABLE_KINDS, ODD_KINDS, _payload, fixture_image, write_laion_fixture
 
 SKIP_REASONS = {"corrupt": "corrupt_image", "truncated": "truncated_image", "not_image": "not_image",
                 "no_caption": "no_caption", "empty_caption": "no_caption", "no_image": "no_image"}
@@ -24,7 +24,7 @@ def epoch_stats(batches) -> DataStats:
 
 @pytest.mark.parametrize("layout", ["webdataset", "parquet", "imagefolder"])
 def test_every_odd_sample_fixed_or_skipped(tmp_path, small_config, take_epoch, layout):
-    from ldm_pipeline.data import fixtures
+    from tests import fixtures
 
     writer = {"webdataset": fixtures.write_laion_fixture, "parquet": fixtures.write_parquet_fixture,
               "imagefolder": fixtures.write_imagefolder_fixture}[layout]

@@ -12,9 +12,9 @@ import pytest
 
 from ldm_pipeline.data import build_dataset, make_dataloader, open_sources
 from ldm_pipeline.data import sources as sources_module
-from ldm_pipeline.data.fixtures import write_imagefolder_fixture, write_laion_fixture, write_parquet_fixture
 from ldm_pipeline.data.stats import DataStats
 from ldm_pipeline.errors import UserError
+from tests.fixtures import write_imagefolder_fixture, write_laion_fixture, write_parquet_fixture
 
 
 def _epoch_stats(batches) -> DataStats:
@@ -113,7 +113,7 @@ def sources_module_config(path):
 
 
 def test_hf_dataset_is_streamed(monkeypatch, small_config, take_epoch):
-    from ldm_pipeline.data.fixtures import _encode, fixture_image
+    from tests.fixtures import _encode, fixture_image
 
     calls = []
 

@@ -8,10 +8,10 @@ import tarfile
 import pytest
 
 from ldm_pipeline.data import build_dataset, open_sources
-from ldm_pipeline.data.fixtures import write_imagefolder_fixture, write_laion_fixture, write_parquet_fixture
 from ldm_pipeline.data.sources import LocalTarShard, ParquetShard, StreamTarShard
 from ldm_pipeline.data.stats import DataStats
 from ldm_pipeline.errors import UserError
+from tests.fixtures import write_imagefolder_fixture, write_laion_fixture, write_parquet_fixture
 
 
 def all_keys(shards) -> list[str]:

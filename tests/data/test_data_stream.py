@@ -10,9 +10,9 @@ import torch
 
 from ldm_pipeline.data import LoaderState, build_dataset, make_dataloader
 from ldm_pipeline.data import images as images_module
-from ldm_pipeline.data.fixtures import write_imagefolder_fixture, write_laion_fixture, write_parquet_fixture
 from ldm_pipeline.data.sources import LocalTarShard
 from ldm_pipeline.errors import UserError
+from tests.fixtures import write_imagefolder_fixture, write_laion_fixture, write_parquet_fixture
 
 
 def keys_of(batches) -> list[str]:

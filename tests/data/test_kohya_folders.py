@@ -13,10 +13,10 @@ from PIL import Image
 
 from ldm_pipeline.data import LoaderState, build_dataset, make_dataloader, open_sources
 from ldm_pipeline.data import sources as sources_module
-from ldm_pipeline.data.fixtures import _payload
 from ldm_pipeline.data.sources import CaptionFolderShard
 from ldm_pipeline.data.stats import DataStats
 from ldm_pipeline.errors import UserError
+from tests.fixtures import _payload
 
 
 def write_image(path: Path, size: tuple[int, int] = (16, 16), shade: int = 0) -> None:

@@ -57,7 +57,7 @@ def test_data_summary_is_printed_each_epoch_and_at_the_end(tiny_model, laion_dat
 
 
 def test_user_error_in_a_dataloader_worker_is_one_line(tiny_model, tmp_path, capsys):
-    from ldm_pipeline.data.fixtures import write_laion_fixture
+    from tests.fixtures import write_laion_fixture
 
     data = tmp_path / "bad"
     write_laion_fixture(data, n=0, shards=1, odd=("corrupt", "not_image"))  # nothing usable: the worker gives up

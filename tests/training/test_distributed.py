@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import run_torchrun
-from tests.training.conftest import load_weights, max_abs_diff
+import pytest
+
+from tests.training.conftest import load_weights, max_abs_diff, run_torchrun_hooked
 
 
 def _torchrun(*args, cwd):
-    r = run_torchrun("train", *args, cwd=cwd, timeout=240)
+    # the sample-keys hook writes each rank's batches and final weight digests to OUTPUT_DIR/debug/
+    r = run_torchrun_hooked({"sample_keys": True}, "train", *args, cwd=cwd, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
 
+@pytest.mark.slow
 def test_two_processes(tiny_model, laion_data, tmp_path):
     common = ["--config", "tiny_test", "--model", str(tiny_model), "--data", str(laion_data), "checkpoint_every=4",
-              "log_sample_keys=true", "data.random_flip=true"]
+              "data.random_flip=true"]
     a = tmp_path / "a"
     _torchrun(*common, "--output-dir", str(a), "max_steps=8", cwd=tmp_path)
     # every rank read its own samples: within the first epoch (2 steps x 2 micro-batches x 2 per rank) disjoint,

@@ -115,7 +115,7 @@ def test_lora_file_carries_rank_and_alpha(alpha_run):
 
 
 def test_lora_with_alpha_loads_as_trained_in_ldm_txt2img(tiny_model, alpha_run):
-    from ldm_pipeline.pipeline import load_lora
+    from ldm_pipeline.generator import load_lora
 
     final, (emb_live, pred_live) = alpha_run
     pipe = _plain_pipeline(tiny_model)

@@ -8,7 +8,9 @@ import pytest
 
 from ldm_pipeline.training import train
 from ldm_pipeline.training.loop import TrainingDiverged
+from ldm_pipeline.training.step import TrainHooks
 from tests.training.conftest import make_config
+from tests.training.hooks import nan_loss
 
 
 def test_overfit_outputs_and_checkpoints(tiny_model, laion_data, tmp_path):
@@ -44,8 +46,8 @@ def test_overfit_outputs_and_checkpoints(tiny_model, laion_data, tmp_path):
 
 def test_nan_step_is_skipped_and_counted(tiny_model, laion_data, tmp_path):
     out = tmp_path / "r"
-    res = train(make_config(tiny_model, laion_data, out, max_steps=4, checkpoint_every=0,
-                            debug_nan_at_step=2, debug_nan_count=1))
+    res = train(make_config(tiny_model, laion_data, out, max_steps=4, checkpoint_every=0),
+                hooks=TrainHooks(after_loss=nan_loss(at_step=2, count=1)))
     assert res.bad_steps == 1 and res.global_step == 4
     assert all(v == v for _, v in res.losses)  # no NaN in the recorded losses
     # checkpoint_every=0: no intermediate checkpoints, but the last step gets one and the final model is written
@@ -53,13 +55,16 @@ def test_nan_step_is_skipped_and_counted(tiny_model, laion_data, tmp_path):
     assert (out / "final" / "model_index.json").is_file()
 
 
-def test_consecutive_nans_stop_the_run_cli(tiny_model, laion_data, tmp_path, capsys):
-    from ldm_pipeline.cli.train import main
+def test_consecutive_nans_stop_the_run_cli(tiny_model, laion_data, tmp_path, capsys, monkeypatch):
+    import functools
 
+    from ldm_pipeline.cli.train import main
+    from ldm_pipeline.training import loop
+
+    monkeypatch.setattr(loop, "train", functools.partial(loop.train, hooks=TrainHooks(after_loss=nan_loss(3, 100))))
     out = tmp_path / "r"
     rc = main(["--config", "tiny_test", "--model", str(tiny_model), "--data", str(laion_data), "--output-dir",
-               str(out), "max_steps=6", "checkpoint_every=2", "debug_nan_at_step=3", "debug_nan_count=100",
-               "max_bad_steps=3"])
+               str(out), "max_steps=6", "checkpoint_every=2", "max_bad_steps=3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 3
     assert len(err) == 1 and "NaN/inf" in err[0] and "checkpoint-2" in err[0]
@@ -69,12 +74,13 @@ def test_consecutive_nans_stop_the_run_cli(tiny_model, laion_data, tmp_path, cap
 
 def test_diverged_is_an_exception(tiny_model, laion_data, tmp_path):
     with pytest.raises(TrainingDiverged):
-        train(make_config(tiny_model, laion_data, tmp_path / "r", max_steps=3, checkpoint_every=0,
-                          debug_nan_at_step=1, debug_nan_count=9, max_bad_steps=2))
+        train(make_config(tiny_model, laion_data, tmp_path / "r", max_steps=3, checkpoint_every=0, max_bad_steps=2),
+              hooks=TrainHooks(after_loss=nan_loss(at_step=1, count=9)))
 
 
 def test_lora_changes_txt2img_and_loads(tiny_model, laion_data, tmp_path):
-    from ldm_pipeline.pipeline import Generator, RuntimeOptions
+    from ldm_pipeline.generator import ImageGenerator as Generator
+    from ldm_pipeline.settings import RuntimeOptions
 
     out = tmp_path / "lora"
     res = train(make_config(tiny_model, laion_data, out, max_steps=6, checkpoint_every=3, learning_rate=1e-2,

@@ -107,7 +107,7 @@ def test_resume_sets_aside_the_abandoned_future(tmp_path):
 def test_warmup_stable_decay_schedule():
     """Full rate after the warm-up until the last lr_decay_steps, then a fall towards 0 (transformers' WSD)."""
     from ldm_pipeline.training.config import TrainConfig
-    from ldm_pipeline.training.loop import _make_lr_scheduler
+    from ldm_pipeline.training.setup import make_lr_scheduler as _make_lr_scheduler
 
     config = TrainConfig(max_steps=20, lr_warmup_steps=2, lr_scheduler="warmup_stable_decay", lr_decay_steps=5)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)

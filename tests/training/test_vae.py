@@ -42,7 +42,7 @@ def make_config(arch, data, out, **overrides) -> VAETrainConfig:
 
 @pytest.fixture(scope="module")
 def trained(tiny_arch, tmp_path_factory):
-    from ldm_pipeline.data.fixtures import write_laion_fixture
+    from tests.fixtures import write_laion_fixture
 
     data = tmp_path_factory.mktemp("vae_data")
     write_laion_fixture(data, n=16, shards=2)
@@ -105,7 +105,7 @@ def test_resume_continues_exactly(tiny_arch, trained, tmp_path):
 
     _, _, data = trained
     full = tmp_path / "full"
-    train_vae(make_config(tiny_arch, data, full, max_steps=4, checkpoint_every=2, checkpoints_total_limit=None,
+    train_vae(make_config(tiny_arch, data, full, max_steps=4, checkpoint_every=2, checkpoints_total_limit=2,
                           eval_every=0))
     assert (full / "checkpoint-2" / "training_state.json").is_file()
     resumed = tmp_path / "resumed"
@@ -188,3 +188,21 @@ def test_warmup_defaults_to_a_share_of_the_run_and_a_long_one_is_reported(tiny_a
                           eval_every=0))
     assert ("lr_warmup_steps 5 is not shorter than the run (max_steps 2): the learning rate only reaches 0.0017 "
             "instead of 0.005") in capsys.readouterr().err
+
+
+def test_last_step_is_checkpointed_and_resume_latest_does_no_step(tiny_arch, trained, tmp_path):
+    """checkpoint_every 0 still checkpoints the last step: resume=latest with the same max_steps trains nothing
+    more (it used to start again from scratch) and gives back the same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    _, _, data = trained
+    out = tmp_path / "run"
+    first = train_vae(make_config(tiny_arch, data, out, max_steps=3, checkpoint_every=0, eval_every=0))
+    assert [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")] == ["checkpoint-3"]
+    weights = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    again = train_vae(make_config(tiny_arch, data, out, max_steps=3, checkpoint_every=0, eval_every=0,
+                                  resume="latest"))
+    assert again.steps == 3 and again.losses == first.losses and again.psnr == pytest.approx(first.psnr)
+    same = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(weights[k], same[k]) for k in weights)

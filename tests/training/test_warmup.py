@@ -18,7 +18,7 @@ def _resolved(tmp_path, **layer):
 
 def _rates(config, peak: float = 1e-4) -> list[float]:
     """The rate each optimizer step of `config` runs at."""
-    from ldm_pipeline.training.loop import _make_lr_scheduler
+    from ldm_pipeline.training.setup import make_lr_scheduler as _make_lr_scheduler
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
     scheduler = _make_lr_scheduler(config, optimizer)
