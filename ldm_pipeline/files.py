@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+CACHE_DIR = Path(os.environ.get("LDM_PIPELINE_CACHE", Path.home() / ".cache" / "ldm_pipeline"))  # derived files
+
 
 def current_umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it: put it straight back

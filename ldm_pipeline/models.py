@@ -18,14 +18,14 @@ from typing import Any
 
 from ldm_pipeline.config import from_dict, load_yaml, resolve_config_path
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.files import atomic_dir, atomic_write_text, make_temp_dir
+from ldm_pipeline.files import CACHE_DIR, atomic_dir, atomic_write_text, make_temp_dir
+from ldm_pipeline.hashes import file_sha256, folder_hash, hub_snapshot_hash
 from ldm_pipeline.tokenizer import load_tokenizer
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 DEFAULTS_FILE = "ldm_defaults.json"  # our generation defaults, stored beside model_index.json
 ASSETS = Path(__file__).resolve().parent / "assets"
-CACHE_DIR = Path(os.environ.get("LDM_PIPELINE_CACHE", Path.home() / ".cache" / "ldm_pipeline"))
 
 
 @dataclass
@@ -150,46 +150,6 @@ def _rename_into_place(tmp: Path, final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             raise
-
-
-# --- hashing -----------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, cached by (path, size, mtime) so multi-GB checkpoints are hashed once (as A1111 does)."""
-    path = Path(path).resolve()
-    st = path.stat()
-    cache_file = CACHE_DIR / "hashes.json"
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    digest = h.hexdigest()
-    if st.st_size > 64 << 20:  # only worth caching for big files
-        cache[key] = digest
-        try:
-            atomic_write_text(cache_file, json.dumps(cache))
-        except OSError:
-            pass
-    return digest
-
-
-def folder_hash(folder: str | Path) -> str:
-    """Content hash of a diffusers folder: sha256 over its weight files' hashes and configs, in a fixed order."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and (p.suffix in (".safetensors", ".bin", ".json", ".txt")) and not p.name.startswith("."):
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(file_sha256(p).encode())
-    return h.hexdigest()
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -373,9 +333,10 @@ def load_pipeline(
     """Load `model` as a StableDiffusionPipeline; returns (pipeline, ModelInfo).
 
     `model` may be a diffusers folder, a training checkpoint folder (its ``pipeline/`` subfolder), a single-file
-    SD 1.x/2.x checkpoint, an architecture YAML (random weights from `seed`), or a hub id. A single file's
-    architecture comes from `model_config` (a diffusers folder or a configs/models name) if given, else from the
-    metadata ``ldm export`` writes, else from its cross-attention width (SD 1.x or 2.x).
+    SD 1.x/2.x checkpoint, an architecture (``config:NAME`` or a YAML: random weights from `seed`), a shipped
+    model's name, or a hub id. A single file's architecture comes from `model_config` (a diffusers folder or a
+    configs/models name) if given, else from the metadata ``ldm export`` writes, else from its cross-attention
+    width (SD 1.x or 2.x).
     """
     model = resolve_model(model)
     import diffusers
@@ -390,84 +351,101 @@ def load_pipeline(
         kwargs["dtype"] = torch_dtype
     if path.is_dir() and not (path / "model_index.json").is_file() and (path / "pipeline" / "model_index.json").is_file():
         path = path / "pipeline"  # an `ldm train` checkpoint directory
-    # safetensors only, unless the user allows pickle: diffusers would otherwise fall back to .bin weights
-    kwargs["use_safetensors"] = None if allow_pickle else True
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise UserError(f"{path} is not a diffusers model folder (no model_index.json)")
-        if not allow_pickle and (pickled := pickle_only_weights(path)):
-            raise UserError(
-                f"model folder {path} has pickle weights ({pickled}), which can run arbitrary code when loaded: "
-                "convert them to .safetensors, or pass --allow-pickle"
-            )
-        from diffusers import StableDiffusionPipeline
-
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"cannot load model folder {path}: {_first_line(e)}") from None
-        return pipe, ModelInfo(display_name(path), "folder", folder_hash(path)[:10], _read_defaults(path, pipe),
-                               str(path.resolve()))
+        return _load_folder(path, allow_pickle, kwargs)
     if model.startswith(CONFIG_PREFIX) or path.suffix in (".yaml", ".yml"):
-        arch = model.removeprefix(CONFIG_PREFIX)
-        if not Path(arch).expanduser().is_file() and not _is_config_name(arch):
-            raise UserError(f"no architecture config '{arch}': use a configs/models name "
-                            f"({', '.join(config_names())}) or a .yaml path")
-        spec = load_model_spec(arch)
-        pipe = pipeline_from_components(build_components(spec, seed))
-        if torch_dtype is not None:
-            pipe.to(dtype=torch_dtype)
-        where = str(Path(arch).expanduser().resolve()) if Path(arch).expanduser().is_file() else model
-        return pipe, ModelInfo(model, "config", f"seed{seed}", spec.defaults, where)
+        return _load_architecture(model, seed, torch_dtype)
     if not path.exists() and _is_config_name(model):
         raise UserError(f"'{model}' is an architecture (configs/models/{model}.yaml) with no trained weights: pass "
                         f"--model {CONFIG_PREFIX}{model} to build it with random weights, or a model folder or file")
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES or path.is_file():
-        if not path.is_file():
-            raise UserError(f"model file not found: {path}")
-        suffix = path.suffix.lower()
-        if suffix in PICKLE_SUFFIXES and not allow_pickle:
-            raise UserError(
-                f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded: convert it to "
-                ".safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
-            )
-        if suffix not in SINGLE_FILE_SUFFIXES:
-            raise UserError(f"unsupported model file {path.name}: expected .safetensors (or .ckpt with --allow-pickle)")
-        if model_config is not None:  # the user names the architecture
-            config = Path(model_config) if Path(model_config).is_dir() else offline_config_folder(model_config)
-        elif suffix == ".safetensors" and (config := _config_folder_from_metadata(path)) is not None:
-            pass  # written by `ldm export`: it records its own architecture
-        else:
-            config = offline_config_folder(detect_single_file_arch(path, allow_pickle))
-        from diffusers import StableDiffusionPipeline
-
-        kwargs.pop("use_safetensors")  # the file itself was checked above; the config folder has no weights
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise UserError(f"cannot load {path.name} as an SD checkpoint: {_first_line(e)}") from None
-        defaults = _read_defaults(config, pipe)
-        return pipe, ModelInfo(path.name, "single_file", file_sha256(path)[:10], defaults, str(path.resolve()))
+        return _load_single_file(path, allow_pickle, model_config, kwargs)
     if _looks_like_hub_id(model):
-        from diffusers import StableDiffusionPipeline
-
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=offline, **kwargs)
-        except Exception as e:  # hub errors come in many types (network, 404, gated, offline)
-            if offline or "offline" in str(e).lower() or "connect" in str(e).lower():
-                raise UserError(
-                    f"model '{model}' is not available locally and the hub cannot be reached (offline): "
-                    "pass a local folder or .safetensors file"
-                ) from None
-            if not allow_pickle and "safetensors" in str(e):
-                raise UserError(
-                    f"model '{model}' has no .safetensors weights on the hub, only pickle ones, which can run "
-                    "arbitrary code when loaded: pass --allow-pickle to load them"
-                ) from None
-            raise UserError(f"cannot load model '{model}' from the hub: {_first_line(e)}") from None
-        return pipe, ModelInfo(model, "hub", _hub_hash(model), _infer_defaults(pipe), None)
+        return _load_hub(model, allow_pickle, kwargs)
     raise UserError(f"model not found: {model} (expected a diffusers folder, a .safetensors file or a hub id)")
+
+
+def _load_folder(path: Path, allow_pickle: bool, kwargs: dict):
+    from diffusers import StableDiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"{path} is not a diffusers model folder (no model_index.json)")
+    if not allow_pickle and (pickled := pickle_only_weights(path)):
+        raise UserError(
+            f"model folder {path} has pickle weights ({pickled}), which can run arbitrary code when loaded: "
+            "convert them to .safetensors, or pass --allow-pickle"
+        )
+    # safetensors only, unless the user allows pickle: diffusers would otherwise fall back to .bin weights
+    use_safetensors = None if allow_pickle else True
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=use_safetensors,
+                                                       **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load model folder {path}: {_first_line(e)}") from None
+    return pipe, ModelInfo(display_name(path), "folder", folder_hash(path)[:10], _read_defaults(path, pipe),
+                           str(path.resolve()))
+
+
+def _load_architecture(model: str, seed: int, torch_dtype):
+    arch = model.removeprefix(CONFIG_PREFIX)
+    if not Path(arch).expanduser().is_file() and not _is_config_name(arch):
+        raise UserError(f"no architecture config '{arch}': use a configs/models name "
+                        f"({', '.join(config_names())}) or a .yaml path")
+    spec = load_model_spec(arch)
+    pipe = pipeline_from_components(build_components(spec, seed))
+    if torch_dtype is not None:
+        pipe.to(dtype=torch_dtype)
+    where = str(Path(arch).expanduser().resolve()) if Path(arch).expanduser().is_file() else model
+    return pipe, ModelInfo(model, "config", f"seed{seed}", spec.defaults, where)
+
+
+def _load_single_file(path: Path, allow_pickle: bool, model_config: str | None, kwargs: dict):
+    from diffusers import StableDiffusionPipeline
+
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise UserError(
+            f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded: convert it to "
+            ".safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
+        )
+    if suffix not in SINGLE_FILE_SUFFIXES:
+        raise UserError(f"unsupported model file {path.name}: expected .safetensors (or .ckpt with --allow-pickle)")
+    if model_config is not None:  # the user names the architecture
+        config = Path(model_config) if Path(model_config).is_dir() else offline_config_folder(model_config)
+    elif suffix == ".safetensors" and (config := _config_folder_from_metadata(path)) is not None:
+        pass  # written by `ldm export`: it records its own architecture
+    else:
+        config = offline_config_folder(detect_single_file_arch(path, allow_pickle))
+    try:  # the file itself was checked above; the config folder has no weights
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot load {path.name} as an SD checkpoint: {_first_line(e)}") from None
+    defaults = _read_defaults(config, pipe)
+    return pipe, ModelInfo(path.name, "single_file", file_sha256(path)[:10], defaults, str(path.resolve()))
+
+
+def _load_hub(model: str, allow_pickle: bool, kwargs: dict):
+    from diffusers import StableDiffusionPipeline
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=offline,
+                                                       use_safetensors=None if allow_pickle else True, **kwargs)
+    except Exception as e:  # hub errors come in many types (network, 404, gated, offline)
+        if offline or "offline" in str(e).lower() or "connect" in str(e).lower():
+            raise UserError(
+                f"model '{model}' is not available locally and the hub cannot be reached (offline): "
+                "pass a local folder or .safetensors file"
+            ) from None
+        if not allow_pickle and "safetensors" in str(e):
+            raise UserError(
+                f"model '{model}' has no .safetensors weights on the hub, only pickle ones, which can run "
+                "arbitrary code when loaded: pass --allow-pickle to load them"
+            ) from None
+        raise UserError(f"cannot load model '{model}' from the hub: {_first_line(e)}") from None
+    return pipe, ModelInfo(model, "hub", hub_snapshot_hash(model), _infer_defaults(pipe), None)
 
 
 def pickle_only_weights(folder: Path) -> str | None:
@@ -479,18 +457,6 @@ def pickle_only_weights(folder: Path) -> str | None:
         if pickled and not any(f.suffix == ".safetensors" for f in files):
             return str(pickled[0].relative_to(folder))
     return None
-
-
-def _hub_hash(model_id: str) -> str | None:
-    """Content hash of a hub model's local snapshot (the files from_pretrained loaded), or None when there is no
-    local copy to hash."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = snapshot_download(model_id, local_files_only=True)
-    except Exception:  # not cached, or a cache laid out otherwise: no hash rather than a made-up one
-        return None
-    return folder_hash(folder)[:10]
 
 
 def _is_config_name(name: str) -> bool:

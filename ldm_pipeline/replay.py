@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ldm_pipeline.errors import UserError
+from ldm_pipeline.hashes import file_sha256, folder_hash, safetensors_autov3
 from ldm_pipeline.metadata import FORMAT_VERSION, JSON_KEY
-from ldm_pipeline.models import file_sha256
 from ldm_pipeline.schedulers import SCHEDULERS
 from ldm_pipeline.settings import Job, RuntimeOptions
 
@@ -79,8 +79,6 @@ def batch_member(job: Job) -> dict[str, Any]:
 
 
 def _path_hash(path: str) -> str:
-    from ldm_pipeline.models import folder_hash
-
     p = Path(path)
     return (folder_hash(p) if p.is_dir() else file_sha256(p))[:10]
 
@@ -103,20 +101,6 @@ def lora_record(path: str) -> dict[str, Any]:
     if weights is not None and weights.suffix == ".safetensors":
         rec["autov3"] = safetensors_autov3(weights)[:12]
     return rec
-
-
-def safetensors_autov3(path: Path) -> str:
-    """A1111's LoRA hash ("AutoV3", kohya's addnet hash): sha256 of a .safetensors file after its JSON header, so
-    editing the metadata does not change it."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        f.seek(8 + header_len)
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 # diffusers' bookkeeping of which config values were defaulted: a list built from a set, so its order changes from

@@ -14,10 +14,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.files import make_temp_dir
+from ldm_pipeline.files import CACHE_DIR, make_temp_dir
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-CACHE_DIR = Path(os.environ.get("LDM_PIPELINE_CACHE", Path.home() / ".cache" / "ldm_pipeline"))
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"

@@ -216,7 +216,7 @@ def test_single_file_from_ldm_export_and_pickle_with_flag(tiny_model, tmp_path):
 def test_a_hub_model_hash_is_its_local_snapshot_content(tmp_path, monkeypatch, tiny_model):
     import shutil
 
-    from ldm_pipeline.models import _hub_hash, folder_hash
+    from ldm_pipeline.hashes import folder_hash, hub_snapshot_hash
 
     # a hub cache laid out as huggingface_hub writes it: models--org--name/{refs/main, snapshots/REV/...}
     repo = tmp_path / "hub" / "models--someone--tiny-sd"
@@ -227,5 +227,5 @@ def test_a_hub_model_hash_is_its_local_snapshot_content(tmp_path, monkeypatch, t
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert _hub_hash("someone/tiny-sd") == folder_hash(tiny_model)[:10]  # was the repo name's last 10 characters
-    assert _hub_hash("someone/not-here") is None
+    assert hub_snapshot_hash("someone/tiny-sd") == folder_hash(tiny_model)[:10]  # was the repo name's last 10 characters
+    assert hub_snapshot_hash("someone/not-here") is None

@@ -93,7 +93,8 @@ def device_lines() -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ldm_pipeline import __version__
-    from ldm_pipeline.models import CACHE_DIR, SHIPPED_MODELS, default_model
+    from ldm_pipeline.files import CACHE_DIR
+    from ldm_pipeline.models import SHIPPED_MODELS, default_model
 
     out = [f"ldm_pipeline {__version__} ({os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})",
            f"python {platform.python_version()} on {platform.platform()}", "", "libraries:"]
