@@ -73,3 +73,23 @@ def test_the_toolkit_never_imports_the_shapes_demo():
     users = sorted(m for m, p in files.items() if not m.startswith("ldm_pipeline.shapes")
                    and any(n.startswith("ldm_pipeline.shapes") for n in imports_of(p, modules)))
     assert users == [], users  # the demo builds on the toolkit, never the other way (cli's COMMANDS names it by string)
+
+
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def test_modules_and_functions_stay_readable():
+    """No module over ~500 lines; no function over ~80 lines unless its signature carries a comment saying why."""
+    too_long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        if len(lines) > MAX_MODULE_LINES:
+            too_long.append(f"{path.relative_to(ROOT.parent)}: {len(lines)} lines")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                signature = lines[node.lineno - 1:node.body[0].lineno - 1]
+                if n > MAX_FUNCTION_LINES and not any("#" in line for line in signature):
+                    too_long.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name}: {n} lines")
+    assert too_long == [], "\n".join(too_long)

@@ -135,8 +135,19 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(r, out / "recipe.yaml")
     times = _load_times(out)
+    data = _data_stage(r, out, times)  # 1. data
+    vae_out, vae_metrics = _vae_stage(r, out, data, times)  # 2. autoencoder
+    tok_dir = _tokenizer_stage(r, out, data, times)  # 3. tokenizer
+    spec = _init_spec(r, tok_dir)
+    init = _init_stage(r, spec, vae_out, out / "init")  # 4. initial model folder
+    final = _unet_stage(r, out, init, data, times)  # 5. diffusion model
+    _write_sampling_defaults(final, spec)
+    scores = _eval_stage(r, out, final, times)  # 6. evaluation
+    return _finish(r, out, final, {"vae": vae_metrics, "scores": scores}, times)  # 7. model card, package
 
-    # 1. data
+
+def _data_stage(r: ShapesRecipe, out: Path, times: dict[str, float]) -> Path:
+    """The img2dataset-layout shards (``ldm make-shapes``), drawn again unless a complete set is there."""
     data = out / "data"
     if not (data / "done").is_file():
         from ldm_pipeline.shapes.domain import write_shards
@@ -147,8 +158,11 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
             _log(f"drawing {r.num_samples} images")
             write_shards(data, r.num_samples, seed=r.seed, samples_per_shard=r.samples_per_shard)
             (data / "done").write_text("ok\n")
+    return data
 
-    # 2. autoencoder
+
+def _vae_stage(r: ShapesRecipe, out: Path, data: Path, times: dict[str, float]) -> tuple[Path, dict[str, Any]]:
+    """The autoencoder (``ldm train-vae``), trained or continued; its output folder and metrics."""
     from ldm_pipeline.training.vae import CONFIG_FILE as VAE_CONFIG_FILE
     from ldm_pipeline.training.vae import effective_config, load_vae_train_config, train_vae
 
@@ -164,8 +178,11 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
         train_vae(vcfg)
     vae_metrics = json.loads((vae_out / "metrics.json").read_text())
     times["vae"] = float(vae_metrics["seconds"])  # train-vae's own record, resumed sessions included
+    return vae_out, vae_metrics
 
-    # 3. tokenizer
+
+def _tokenizer_stage(r: ShapesRecipe, out: Path, data: Path, times: dict[str, float]) -> Path:
+    """The CLIP-format BPE vocabulary built from the caption corpus; its folder."""
     from ldm_pipeline.tokenizer import build_clip_tokenizer
 
     tok_dir = out / "tokenizer"
@@ -174,17 +191,21 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
         with _timed(out, times, "tokenizer"):
             build_clip_tokenizer(_captions(data), tok_dir, vocab_size=r.tokenizer_vocab_size,
                                  model_max_length=r.tokenizer_max_length)
+    return tok_dir
 
-    # 4. initial model folder
-    init = out / "init"
-    spec = _init_spec(r, tok_dir)
+
+def _init_stage(r: ShapesRecipe, spec: ModelSpec, vae_out: Path, init: Path) -> Path:
+    """The initial model folder (random UNet + text encoder, the trained VAE), built unless it is there."""
     arch = {"unet": spec.unet, "text_encoder": spec.text_encoder, "scheduler": spec.scheduler}
     _check_stage_config(init, INIT_ARCH_FILE, arch, "initial model")  # an edited configs/models YAML is not reused
     if not (init / "model_index.json").is_file():
         _assemble(spec, r.seed, vae_out / "vae", init)
         save_yaml(arch, init / INIT_ARCH_FILE)
+    return init
 
-    # 5. diffusion model
+
+def _unet_stage(r: ShapesRecipe, out: Path, init: Path, data: Path, times: dict[str, float]) -> Path:
+    """The UNet and text encoder (``ldm train``), trained or continued; the final model folder."""
     from ldm_pipeline.training.checkpoints import CONFIG_FILE as TRAIN_CONFIG_FILE
     from ldm_pipeline.training.config import load_train_config
     from ldm_pipeline.training.loop import train
@@ -201,23 +222,32 @@ def run_recipe(r: ShapesRecipe) -> dict[str, Any]:
             tcfg = dataclasses.replace(tcfg, resume="latest")
         with _timed(out, times, "unet"):  # an interrupted run's steps (and latent caching) are kept: they count
             train(tcfg)
+    return final
 
-    # the sampling defaults are settings, not weights: an edited `defaults:` of the model config reaches the
-    # trained model (and so its evaluation) without training again
+
+def _write_sampling_defaults(final: Path, spec: ModelSpec) -> None:
+    """The sampling defaults are settings, not weights: an edited `defaults:` of the model config reaches the
+    trained model (and so its evaluation) without training again."""
     from ldm_pipeline.models import write_defaults
 
     if write_defaults(final, spec.defaults):
         _log(f"sampling defaults of {final}: {dataclasses.asdict(spec.defaults)}")
 
-    # 6. evaluation
+
+def _eval_stage(r: ShapesRecipe, out: Path, final: Path, times: dict[str, float]) -> dict[str, Any]:
+    """The evaluation scores (``ldm eval``), reused when model and eval settings are unchanged."""
     t = time.perf_counter()
-    scores, evaluated = _evaluate(r, final, out / "eval")  # reused when model and eval settings are unchanged
+    scores, evaluated = _evaluate(r, final, out / "eval")
     if evaluated:
         _add_time(out, times, "eval", time.perf_counter() - t, replace=True)
+    return scores
 
-    # 7. the model card, fp32 weights and (optionally) the copy into the package
+
+def _finish(r: ShapesRecipe, out: Path, final: Path, metrics: dict[str, Any],
+            times: dict[str, float]) -> dict[str, Any]:
+    """The model card, fp32 weights and (optionally) the copy into the package; then OUTPUT_DIR/recipe.json."""
     total = sum(times.values())
-    metrics = {"vae": vae_metrics, "scores": scores, "seconds": {**times, "total": total}}
+    metrics = {**metrics, "seconds": {**times, "total": total}}
     packaged = _package(r, final, out / "model", metrics)
     (out / "recipe.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _log(f"done: {total / 60:.1f} min of work in all stages; model in {packaged}")
@@ -264,7 +294,7 @@ def _evaluate(r: ShapesRecipe, model: Path, out: Path) -> tuple[dict[str, Any], 
     """The evaluation's scores, and whether they were computed now (False: reused)."""
     from ldm_pipeline.generator import ImageGenerator as Generator
     from ldm_pipeline.grid import make_grid
-    from ldm_pipeline.models import folder_hash
+    from ldm_pipeline.hashes import folder_hash
     from ldm_pipeline.settings import RuntimeOptions
     from ldm_pipeline.shapes.evaluate import EvalSettings, run_eval
 
@@ -314,7 +344,7 @@ def _package(r: ShapesRecipe, final: Path, model_dir: Path, metrics: dict[str, A
     return model_dir
 
 
-# the shipped-model issue's targets, shown beside the measured scores in the model card
+# the shipped model's targets, shown beside the measured scores in the model card
 TARGETS = {"held_in": 0.90, "held_out": 0.75, "position": 0.80, "recolour": 0.80, "psnr": 30.0, "ddim_gap": 0.03}
 
 

@@ -11,7 +11,7 @@ import types
 import pytest
 
 from ldm_pipeline.data import build_dataset, make_dataloader, open_sources
-from ldm_pipeline.data import sources as sources_module
+from ldm_pipeline.data import folders as folders_module
 from ldm_pipeline.data.stats import DataStats
 from ldm_pipeline.errors import UserError
 from tests.fixtures import write_imagefolder_fixture, write_laion_fixture, write_parquet_fixture
@@ -30,7 +30,7 @@ def _epoch_stats(batches) -> DataStats:
 @pytest.mark.parametrize("chunk", [None, (64, 128)])  # one byte range, or many (rows cut across range ends)
 def test_bad_jsonl_rows_are_skipped_and_counted(tmp_path, small_config, take_epoch, monkeypatch, chunk):
     if chunk:
-        monkeypatch.setattr(sources_module, "METADATA_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(folders_module, "METADATA_CHUNK_BYTES", chunk)
     write_imagefolder_fixture(tmp_path, n=8)
     lines = (tmp_path / "metadata.jsonl").read_text().splitlines()
     # a broken line, a JSON list, a row without file_name and a blank line, between good rows
@@ -45,7 +45,7 @@ def test_bad_jsonl_rows_are_skipped_and_counted(tmp_path, small_config, take_epo
 
 
 def test_csv_multiline_caption_across_byte_ranges(tmp_path, small_config, take_epoch, monkeypatch):
-    monkeypatch.setattr(sources_module, "METADATA_CHUNK_BYTES", (40, 80))
+    monkeypatch.setattr(folders_module, "METADATA_CHUNK_BYTES", (40, 80))
     write_imagefolder_fixture(tmp_path, n=9, metadata="csv")
     rows = (tmp_path / "metadata.csv").read_text().splitlines()
     assert rows[3].startswith('images/00002.jpg,"sample 2, ')
@@ -97,7 +97,7 @@ def test_large_metadata_is_not_held_in_memory(tmp_path, monkeypatch, fmt):
     size = (tmp_path / f"metadata.{fmt}").stat().st_size
     parsed = []
     real_loads = json.loads
-    monkeypatch.setattr(sources_module.json, "loads", lambda *a, **k: parsed.append(1) or real_loads(*a, **k))
+    monkeypatch.setattr(folders_module.json, "loads", lambda *a, **k: parsed.append(1) or real_loads(*a, **k))
     dataset = build_dataset(sources_module_config(tmp_path), batch_size=2)
     assert len(parsed) <= 1  # startup parsed the first row at most
     assert len(pickle.dumps(dataset)) < size / 50  # what a worker gets: no rows, no per-row offsets

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ldm_pipeline.data import LoaderState, build_dataset, make_dataloader, open_sources
-from ldm_pipeline.data import sources as sources_module
+from ldm_pipeline.data import folders as folders_module
 from ldm_pipeline.data.sources import CaptionFolderShard
 from ldm_pipeline.data.stats import DataStats
 from ldm_pipeline.errors import UserError
@@ -167,13 +167,13 @@ def test_repeat_folders_count_n_times_and_name_captions(tmp_path, small_config, 
 
 
 def test_shards_split_across_ranks_without_overlap(tmp_path, small_config, monkeypatch):
-    monkeypatch.setattr(sources_module, "CAPTION_FOLDER_CHUNK", (3, 3))
+    monkeypatch.setattr(folders_module, "CAPTION_FOLDER_CHUNK", (3, 3))
     write_folder(tmp_path, {**{f"2_rep/{i:02d}.png": f"rep {i}" for i in range(4)},
                             **{f"plain/{i:02d}.png": f"plain {i}" for i in range(7)}})
     assert len(open_sources(str(tmp_path), min_shards=4)) == 4  # 11 images in ranges of 3
     for shards_wanted in (4, 1):  # by shard (4 shards, 2 ranks) or by sample (chunk larger than the folder)
         if shards_wanted == 1:
-            monkeypatch.setattr(sources_module, "CAPTION_FOLDER_CHUNK", (64, 64))
+            monkeypatch.setattr(folders_module, "CAPTION_FOLDER_CHUNK", (64, 64))
         seen: list[str] = []
         for rank in range(2):
             dataset = build_dataset(small_config(tmp_path), batch_size=2, rank=rank, world_size=2)
@@ -183,7 +183,7 @@ def test_shards_split_across_ranks_without_overlap(tmp_path, small_config, monke
 
 
 def test_exact_resume_two_workers(tmp_path, small_config, tokenizer, monkeypatch):
-    monkeypatch.setattr(sources_module, "CAPTION_FOLDER_CHUNK", (5, 5))
+    monkeypatch.setattr(folders_module, "CAPTION_FOLDER_CHUNK", (5, 5))
     sizes = ((16, 24), (24, 16), (16, 16), (32, 16))
     for i in range(14):
         folder = "2_tagged" if i < 4 else f"group{i % 3}"
