@@ -3,7 +3,6 @@
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,12 +16,9 @@ def pngs(folder):
     return sorted(p.name for p in folder.glob("*.png"))
 
 
-def test_help_is_fast_and_lists_commands():
-    t = time.perf_counter()
-    r = run_cli("--help")
-    elapsed = time.perf_counter() - t
+def test_help_lists_commands():
+    r = run_cli("--help")  # that it imports nothing heavy: the next test
     assert r.returncode == 0 and "txt2img" in r.stdout and "img2img" in r.stdout and "init-model" in r.stdout
-    assert elapsed < 3  # no heavy imports for help (typically ~0.1 s)
     r = run_cli("txt2img", "--help")
     assert r.returncode == 0 and "--scheduler" in r.stdout and "dpm++2m-karras" in r.stdout
 
