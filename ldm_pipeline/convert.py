@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.files import make_temp_file, ordinary_modes
+from ldm_pipeline.files import atomic_file
 
 # Written here because diffusers installs only LDM → diffusers; its reverse is a repo script pip does not install.
 
@@ -371,21 +370,9 @@ def _versions() -> dict[str, str]:
 
 def _write_atomically(tensors: dict[str, Any], metadata: dict[str, str], output: Path, overwrite: bool, save) -> None:
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = make_temp_file(output.parent, prefix=f".{output.name}.tmp-")
-    except OSError as e:
-        raise UserError(f"cannot write to {output.parent}: {e.strerror or e}") from None
-    os.close(fd)
-    try:
-        save(tensors, str(tmp), metadata=metadata)
-        ordinary_modes(tmp)  # safetensors writes through a private temporary of its own
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if output.exists() and not overwrite:  # appeared while we were converting
-            raise UserError(f"output {output} already exists: choose another name or pass --overwrite")
-        os.replace(tmp, output)
+        with atomic_file(output, overwrite=overwrite) as tmp:
+            save(tensors, str(tmp), metadata=metadata)
+    except FileExistsError:  # appeared while we were converting
+        raise UserError(f"output {output} already exists: choose another name or pass --overwrite") from None
     except OSError as e:
         raise UserError(f"cannot write {output}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()

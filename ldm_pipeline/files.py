@@ -50,21 +50,35 @@ def ordinary_modes(root: str | Path) -> None:
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Replace `path` with `data` so that a reader sees the old file or the new one, never half of one: written
-    under a unique temporary name in the same folder, flushed to disk, then renamed over it."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, overwrite: bool = True):
+    """Write a file under a unique temporary name beside `path` (yielded, for any library's ``save(path)``) and,
+    when the block ends without an error, flush it to disk, give it ordinary modes and rename it over `path`, so a
+    reader sees the old file or the new one, never half of one. With ``overwrite=False`` an existing `path` is a
+    FileExistsError (also when it appeared while writing). Removed on an error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise FileExistsError(path)
     fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        ordinary_modes(tmp)  # a library may have written through a private temporary of its own
+        if path.exists() and not overwrite:
+            raise FileExistsError(path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Replace `path` with `data` atomically (`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -27,12 +27,15 @@ def save_png(image, path: Path, record: dict[str, Any] | None = None) -> Path:
     up if `path` was taken meanwhile). Where the filesystem has no hard links (FAT, some network and FUSE
     mounts), the free name is claimed with an exclusive create and the finished file renamed over it. Returns
     the final path; a failed write (disk full, permissions) is a UserError naming the path."""
+    from ldm_pipeline.files import make_temp_file
     from ldm_pipeline.metadata import png_info
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     final = path
+    tmp = None
     try:
-        image.save(tmp, format="PNG", pnginfo=png_info(record) if record else None)
+        fd, tmp = make_temp_file(path.parent, prefix=f".{path.name}.tmp-")
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=png_info(record) if record else None)
         use_link = True
         while True:
             try:
@@ -55,7 +58,8 @@ def save_png(image, path: Path, record: dict[str, Any] | None = None) -> Path:
     except OSError as e:
         raise UserError(f"cannot write {final}: {e.strerror or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return final
 
 

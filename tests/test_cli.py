@@ -271,7 +271,7 @@ def test_interrupt_keeps_finished_images(tiny_model, tmp_path, monkeypatch, caps
                    "--outdir", str(tmp_path), "-q"])
     assert rc == 130
     assert pngs(tmp_path) == ["00000-0.png", "00001-1.png"]
-    assert not list(tmp_path.glob(".*tmp"))  # no half-written files left
+    assert not list(tmp_path.glob(".*.tmp*"))  # no half-written files left
     assert "2 finished image(s) kept" in capsys.readouterr().err
 
 
