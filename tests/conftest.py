@@ -52,16 +52,20 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_torchrun(*args: str, cwd: Path | None = None, timeout: int = 300):
-    """`ldm ARGS` on 2 CPU ranks (torchrun + gloo). A hang (a collective some rank skips) is killed with its whole
-    process group, so no orphaned rank keeps a core busy for the rest of the test session."""
+def run_torchrun(*args: str, cwd: Path | None = None, timeout: int = 300, hooks: dict | None = None):
+    """`ldm ARGS` on 2 CPU ranks (torchrun + gloo), with the training hooks of `hooks` (tests/training/hooks.py)
+    installed in every rank when given. A hang (a collective some rank skips) is killed with its whole process
+    group, so no orphaned rank keeps a core busy for the rest of the test session."""
+    import json
     import signal
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ldm_pipeline", *args]
+    entry = "tests.training.hooks" if hooks is not None else "ldm_pipeline"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", entry, *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
+    if hooks is not None:
+        env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), LDM_TEST_HOOKS=json.dumps(hooks))
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

@@ -60,29 +60,3 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 def cli_env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def run_torchrun_hooked(hooks: dict, *args: str, cwd: Path | None = None, timeout: int = 300):
-    """`ldm ARGS` on 2 CPU ranks (torchrun + gloo) as `tests.conftest.run_torchrun` runs it, with the training hooks
-    of `hooks` (see tests/training/hooks.py) installed in every rank; a hang is killed with its process group."""
-    import json
-    import signal
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tests.training.hooks", *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "LDM_TEST_HOOKS": json.dumps(hooks)}
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun ldm {' '.join(args[:3])} ... hung for {timeout} s:\n{out[-2000:]}{err[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

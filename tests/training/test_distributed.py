@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from tests.training.conftest import load_weights, max_abs_diff, run_torchrun_hooked
+from tests.conftest import run_torchrun
+from tests.training.conftest import load_weights, max_abs_diff
 
 
 def _torchrun(*args, cwd):
     # the sample-keys hook writes each rank's batches and final weight digests to OUTPUT_DIR/debug/
-    r = run_torchrun_hooked({"sample_keys": True}, "train", *args, cwd=cwd, timeout=240)
+    r = run_torchrun("train", *args, cwd=cwd, timeout=240, hooks={"sample_keys": True})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
