@@ -3,9 +3,6 @@ missing extra is a one-line error naming the command to run, not an ImportError 
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
 from ldm_pipeline.errors import UserError
 
 # importable module → the extra that installs it
@@ -23,16 +20,6 @@ EXTRA_OF: dict[str, str] = {
 def install_hint(module: str) -> str:
     extra = EXTRA_OF.get(module.split(".")[0])
     return f"pip install 'ldm_pipeline[{extra}]'" if extra else f"pip install {module.split('.')[0]}"
-
-
-def require(module: str, feature: str) -> ModuleType:
-    """Import `module` for `feature` (e.g. "training"), or raise a UserError naming the pip install to run."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        missing = getattr(e, "name", None) or module
-        raise UserError(f"{feature} needs the '{missing.split('.')[0]}' package, which is not installed: "
-                        f"run {install_hint(missing)}") from None
 
 
 def missing(feature_modules: tuple[str, ...]) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 from ldm_pipeline.errors import UserError
 from ldm_pipeline.images import load_init_image
 from ldm_pipeline.models import GenerationDefaults, ModelInfo
-from ldm_pipeline.replay import batch_member, make_record
+from ldm_pipeline.replay import batch_member, lora_record, make_record
 from ldm_pipeline.schedulers import check_scheduler_name, check_steps
 from ldm_pipeline.settings import (
     DIFFUSERS_SIZE_MULTIPLE,
@@ -107,6 +107,7 @@ class ImageGenerator:
         self._img2img = None
         self._schedulers: dict[str, Any] = {}
         self._exec_device_cache = None
+        self._lora_records: list[dict[str, Any]] | None = None
         diffusers.utils.logging.disable_progress_bar()  # our own bar counts images; diffusers' would count steps
         pipe.set_progress_bar_config(disable=True)
 
@@ -327,28 +328,34 @@ class ImageGenerator:
             results.append(Result(j, im, rec))
         return results
 
-    def step_count(self, job: Job) -> int:
-        """Denoising steps (UNet passes of the pipeline's loop) a resolved job runs: a second-order sampler runs
-        about twice its --steps, img2img only its tail (diffusers' ``get_timesteps``)."""
+    def run_timesteps(self, job: Job):
+        """The timesteps a resolved job's denoising loop runs, one per UNet pass of the pipeline's loop: a
+        second-order sampler repeats them, img2img runs only the tail (diffusers' ``get_timesteps``)."""
         sched = self._scheduler(job.scheduler)
-        sched.set_timesteps(job.num_inference_steps)
-        total = len(sched.timesteps)
-        if job.init_image is not None:
-            skipped = job.num_inference_steps - img2img_step_count(job.num_inference_steps, job.strength)
-            total -= skipped * sched.order
-        return total
+        steps = job.num_inference_steps
+        sched.set_timesteps(steps)
+        skipped = steps - img2img_step_count(steps, job.strength) if job.init_image is not None else 0
+        return sched.timesteps[skipped * sched.order:]
+
+    def step_count(self, job: Job) -> int:
+        """Denoising steps a resolved job runs (what the progress bar counts)."""
+        return len(self.run_timesteps(job))
 
     def unguided_start(self, job: Job) -> int | None:
         """The timestep of a resolved job's first denoising step when its guidance cut-off leaves no step guided
         (img2img starts part-way, see diffusers' ``get_timesteps``: at strength 0.3, near t = 300), else None."""
         if not job.guidance_cutoff or job.guidance_scale <= 1:
             return None
-        sched = self._scheduler(job.scheduler)
-        steps = job.num_inference_steps
-        sched.set_timesteps(steps)
-        skipped = steps - img2img_step_count(steps, job.strength) if job.init_image is not None else 0
-        first = int(sched.timesteps[skipped * sched.order])
-        return first if first < job.guidance_cutoff * sched.config.num_train_timesteps else None
+        first = int(self.run_timesteps(job)[0])
+        threshold = job.guidance_cutoff * self._scheduler(job.scheduler).config.num_train_timesteps
+        return first if first < threshold else None
+
+    @property
+    def lora_records(self) -> list[dict[str, Any]]:
+        """The LoRAs as each image's record names them; hashed once per load, not once per image."""
+        if self._lora_records is None:
+            self._lora_records = [lora_record(p) for p in self.options.lora]
+        return [dict(r) for r in self._lora_records]  # each record its own copy
 
     def generate(self, jobs: Iterable[Job], batch_size: int = 1, on_step=None) -> Iterator[Result]:
         """Resolve, batch and run jobs, yielding each Result as soon as its batch is done. `on_step(batch)` is

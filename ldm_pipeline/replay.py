@@ -49,7 +49,7 @@ def make_record(gen, job: Job, image) -> dict[str, Any]:
             "path": gen.info.path,
             "config": gen.options.model_config,
         },
-        "lora": [lora_record(p) for p in gen.options.lora],
+        "lora": gen.lora_records,
         "lora_scale": gen.options.lora_scale if gen.options.lora else None,
         "dtype": gen.options.dtype,
         "device_type": gen.device.split(":")[0],

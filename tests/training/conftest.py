@@ -60,3 +60,19 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 def cli_env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def lr_rates(config: TrainConfig, peak: float = 1e-4, steps: int | None = None) -> list[float]:
+    """The rate each of the first `steps` (default: max_steps) optimizer steps of `config` runs at."""
+    import torch
+
+    from ldm_pipeline.training.setup import make_lr_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = make_lr_scheduler(config, optimizer)
+    rates = []
+    for _ in range(config.max_steps if steps is None else steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates

@@ -107,17 +107,11 @@ def test_resume_sets_aside_the_abandoned_future(tmp_path):
 def test_warmup_stable_decay_schedule():
     """Full rate after the warm-up until the last lr_decay_steps, then a fall towards 0 (transformers' WSD)."""
     from ldm_pipeline.training.config import TrainConfig
-    from ldm_pipeline.training.setup import make_lr_scheduler as _make_lr_scheduler
+    from tests.training.conftest import lr_rates
 
     config = TrainConfig(max_steps=20, lr_warmup_steps=2, lr_scheduler="warmup_stable_decay", lr_decay_steps=5)
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
-    scheduler = _make_lr_scheduler(config, optimizer)
-    rates = []
-    for _ in range(config.max_steps):
-        rates.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
+    *rates, after = lr_rates(config, peak=0.5, steps=config.max_steps + 1)  # `after`: the rate once the run is over
     assert rates[:2] == [0.0, 0.25]
     assert rates[2:16] == [0.5] * 14  # the decay's first step is still at the full rate (cosine of 0)
     assert all(a > b for a, b in zip(rates[15:], rates[16:]))  # then strictly falling
-    assert 0 < rates[-1] < 0.1 and scheduler.get_last_lr()[0] == 0.0
+    assert 0 < rates[-1] < 0.1 and after == 0.0

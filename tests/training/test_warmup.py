@@ -4,10 +4,10 @@ line when a given warm-up is not shorter than the run."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ldm_pipeline.errors import UserError
 from ldm_pipeline.training.config import load_train_config, resolve, warmup_warning
+from tests.training.conftest import lr_rates
 
 BASE = {"model": "m", "data": {"source": "d"}}
 
@@ -16,26 +16,12 @@ def _resolved(tmp_path, **layer):
     return resolve(load_train_config(None, {**BASE, "output_dir": str(tmp_path)}, layer))
 
 
-def _rates(config, peak: float = 1e-4) -> list[float]:
-    """The rate each optimizer step of `config` runs at."""
-    from ldm_pipeline.training.setup import make_lr_scheduler as _make_lr_scheduler
-
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-    scheduler = _make_lr_scheduler(config, optimizer)
-    rates = []
-    for _ in range(config.max_steps):
-        rates.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
-    return rates
-
-
 def test_default_warmup_lets_a_short_run_reach_its_rate(tmp_path):
     """`ldm train --max-steps 40` with the defaults: the warm-up used to be 500 steps, so the rate never passed 8e-6
     of 1e-4 (LoRA) and the model hardly moved."""
     cfg = _resolved(tmp_path, max_steps=40, lora={"rank": 4})
     assert cfg.lr_warmup_steps == 4  # 10 % of the run
-    assert max(_rates(cfg)) == pytest.approx(1e-4)
+    assert max(lr_rates(cfg)) == pytest.approx(1e-4)
     assert warmup_warning(cfg, 1e-4) is None
     assert _resolved(tmp_path, max_steps=10_000).lr_warmup_steps == 500  # long runs keep the old 500
     assert _resolved(tmp_path, max_steps=40, lr_scheduler="constant").lr_warmup_steps == 0  # it has none
@@ -44,7 +30,7 @@ def test_default_warmup_lets_a_short_run_reach_its_rate(tmp_path):
 def test_a_given_warmup_is_kept_and_warned_about(tmp_path):
     cfg = _resolved(tmp_path, max_steps=40, lr_warmup_steps=500, lora={"rank": 4})
     assert cfg.lr_warmup_steps == 500  # the user's choice stands
-    rates = _rates(cfg)
+    rates = lr_rates(cfg)
     warning = warmup_warning(cfg, 1e-4)
     assert warning is not None and "\n" not in warning
     assert "lr_warmup_steps 500" in warning and "max_steps 40" in warning and "--lr-warmup-steps 4" in warning
