@@ -199,7 +199,8 @@ def test_too_many_karras_steps_is_a_user_error(shipped):
         shipped.txt2img(PROMPT, seed=0, scheduler="dpm++2m-karras", num_inference_steps=136)
 
 
-# --- the full matrix (slow tier: ~3 min a model on a laptop CPU) ---------------------------------------------------
+# --- the full matrix (slow tier), on the shipped model: its checks (finite, not flat, drawn) are a superset of what
+# random weights could show; the tiny model's plain SD schedule is sampled by every scheduler in the default tier ---
 
 RUNS = [(n, 0.0) for n in SCHEDULERS] + [("ddim", 1.0)]
 
@@ -220,14 +221,6 @@ def _finite_and_not_flat(image) -> None:
     # the generator refuses NaN/inf images (NonFiniteImageError); a flat image is the other way sampling fails
     a = np.asarray(image).astype(float)
     assert np.isfinite(a).all() and a.std() > 10, a.std()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name, eta", RUNS)
-def test_every_scheduler_and_step_count_on_the_tiny_model(generator, tmp_path, name, eta):
-    init = tmp_path / "init.png"
-    generator.txt2img(PROMPT, seed=0)[0].save(init)
-    _matrix(generator, name, eta, str(init), lambda image, steps: _finite_and_not_flat(image))
 
 
 @pytest.mark.slow
