@@ -96,6 +96,34 @@ def startup_row(rec: dict[str, Any]) -> list[str]:
             f"{d['min_plain_s']:.2f} / {d['min_ours_s']:.2f}"]
 
 
+def fast_row(rec: dict[str, Any]) -> list[str]:
+    s, d = rec["settings"], rec["derived"]
+    plain = d["plain"]
+    what = "one UNet call (CFG batch)" if s["unet_only"] else f"{s['steps']} DDIM steps, CFG {s['guidance_scale']:g}"
+    setting = (f"`{s['model']}`, {s['width']}×{s['height']}, {what}, batch {s['batch_size']}, "
+               f"{_n(s['repeats'], 'repeat')}")
+    speed, med, first = d["speedup_vs_plain"], d["median_s"], rec["raw"]["first_call_s"]
+    if s["unet_only"]:
+        close = f"rel. error {d['rel_rmse_vs_plain']['fast']:.3f}"
+    else:
+        p = d["min_psnr_db_vs_plain"]["fast"]
+        close = "identical" if p is None else f"PSNR {p:.1f} dB"
+    ablation = "; ".join(f"{n.removeprefix('fast ')} {_x(v)}" for n, v in speed.items() if n.startswith("fast "))
+    return [setting, device(rec), f"{plain}: {med[plain]:.4f}", f"{med['fast']:.4f}", _x(speed["fast"]),
+            f"{first['fast']:.1f}", close, ablation or "not run"]
+
+
+def gpu_row(rec: dict[str, Any]) -> list[str]:
+    checks = rec["checks"]
+    passed = [n for n, c in checks.items() if c["ok"] is True]
+    skipped = [n for n, c in checks.items() if c["ok"] is None]
+    failed = [n for n, c in checks.items() if c["ok"] is False]
+    ratio = rec.get("fast_speedup_sd15_512")
+    setting = f"`{rec['settings']['model']}`, {rec['settings']['size']} px"
+    return [setting, device(rec), f"{len(passed)} of {len(checks)}", ", ".join(skipped) or "none",
+            ", ".join(failed) or "none", "—" if ratio is None else _x(ratio)]
+
+
 # kind → (heading, column titles after "setting" and "device", row maker); a results file's last column is its name
 KINDS: dict[str, tuple[str, list[str], Callable[[dict[str, Any]], list[str]]]] = {
     "generate": ("txt2img: ldm_pipeline `Generator` vs plain diffusers `StableDiffusionPipeline` "
@@ -107,6 +135,11 @@ KINDS: dict[str, tuple[str, list[str], Callable[[dict[str, Any]], list[str]]]] =
     "startup": ("Cold start, one image in a new process: `ldm txt2img` vs a plain diffusers script "
                 "(`bench_startup.py`)",
                 ["plain script median s", "`ldm txt2img` median s", "ratio", "min s (plain / ours)"], startup_row),
+    "fast": ("`--fast` vs plain diffusers, median s per batch or UNet call (`bench_fast.py`)",
+             ["plain diffusers", "`--fast`", "speed-up", "first call s (compile)", "vs plain", "speed-up with one "
+              "speed-up off"], fast_row),
+    "gpu": ("GPU acceptance checks (`gpu_acceptance.py`)",
+            ["checks passed", "skipped (device)", "failed", "`--fast` speed-up, sd15 512 px"], gpu_row),
 }
 
 

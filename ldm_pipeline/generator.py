@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm_pipeline.errors import UserError
+from ldm_pipeline.fast import FastPlan, apply_plan, plan_for
 from ldm_pipeline.images import load_init_image
 from ldm_pipeline.models import GenerationDefaults, ModelInfo
 from ldm_pipeline.replay import batch_member, lora_record, make_record
@@ -108,6 +109,7 @@ class ImageGenerator:
         self._schedulers: dict[str, Any] = {}
         self._exec_device_cache = None
         self._lora_records: list[dict[str, Any]] | None = None
+        self.fast_plan: FastPlan | None = None  # what --fast turned on (set by load)
         diffusers.utils.logging.disable_progress_bar()  # our own bar counts images; diffusers' would count steps
         pipe.set_progress_bar_config(disable=True)
 
@@ -128,6 +130,12 @@ class ImageGenerator:
 
         options = options or RuntimeOptions()
         device = resolve_device(options.device)
+        plan = None
+        if options.fast:
+            plan = plan_for(device, None if options.dtype == "auto" else options.dtype)
+            options = dataclasses.replace(options, dtype=plan.dtype)
+        elif options.dtype == "auto":
+            options = dataclasses.replace(options, dtype="fp32")
         dtype = torch_dtype(options.dtype)
         pipe, info = load_pipeline(
             model, torch_dtype=dtype, allow_pickle=options.allow_pickle, model_config=options.model_config
@@ -152,9 +160,15 @@ class ImageGenerator:
             pipe.vae.enable_tiling()
         if options.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
-        if options.compile:
+        if options.compile and not options.fast:
             pipe.unet = torch.compile(pipe.unet)
-        return cls(pipe, info, options, device)
+        if plan is not None:
+            if options.cpu_offload and plan.compile:
+                plan = dataclasses.replace(plan, compile=False)  # offload hooks move weights: nothing to freeze
+            apply_plan(pipe, plan, device)
+        gen = cls(pipe, info, options, device)
+        gen.fast_plan = plan
+        return gen
 
     # --- settings ---------------------------------------------------------------------------------------------
 

@@ -60,6 +60,8 @@ def make_record(gen, job: Job, image) -> dict[str, Any]:
             "torch": torch.__version__,
         },
     }
+    if gen.options.fast:  # only then, so records of the normal path stay as they were
+        rec["fast"] = True
     if job.init_image is not None:
         rec.update(
             strength=job.strength,
@@ -193,12 +195,16 @@ def replay_warnings(record: dict, gen) -> list[str]:
         out.append(f"the image was made on {record['device_type']} and is replayed on {here}: pixels may differ")
     if record.get("dtype") and record["dtype"] != gen.options.dtype:
         out.append(f"the image was made in {record['dtype']} and is replayed in {gen.options.dtype}: pixels may differ")
+    if bool(record.get("fast")) != gen.options.fast:
+        made, now = ("with", "without") if record.get("fast") else ("without", "with")
+        out.append(f"the image was made {made} --fast and is replayed {now} it: pixels may differ")
     return out
 
 
 def runtime_options(record: dict, **overrides) -> RuntimeOptions:
     """The recorded run's precision, single-file architecture and LoRAs, with `overrides` (device, memory switches)."""
-    rec = {"dtype": record.get("dtype") or "fp32", "model_config": record["model"].get("config"),
+    rec = {"dtype": record.get("dtype") or "fp32", "fast": bool(record.get("fast")),
+           "model_config": record["model"].get("config"),
            "lora": [x["path"] for x in record.get("lora") or []]}
     if record.get("lora_scale") is not None:
         rec["lora_scale"] = record["lora_scale"]

@@ -47,13 +47,14 @@ class RuntimeOptions:
     """How to run (not what to draw): device, precision and diffusers' memory/speed switches."""
 
     device: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # fp32, fp16, bf16, or auto: fp32, or with `fast` the precision that pays on the device
     attention_slicing: bool = False
     vae_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
     channels_last: bool = False
     compile: bool = False
+    fast: bool = False  # the speed-ups that measured best on the device (ldm_pipeline.fast)
     allow_pickle: bool = False
     model_config: str | None = None  # architecture of a single-file checkpoint (folder or configs/models name)
     lora: list[str] = field(default_factory=list)

@@ -92,3 +92,35 @@ def test_results_files_are_never_overwritten(tmp_path):
     assert (first.name, second.name) == ("demo-20240102-030405.json", "demo-20240102-030405-2.json")
     assert json.loads(first.read_text())["raw"] == [1.0] and json.loads(second.read_text())["raw"] == [2.0]
     assert {p.name for p in tmp_path.iterdir()} == {first.name, second.name}  # no temporary left behind
+
+
+def test_a_check_that_crashes_fails_and_the_rest_still_run():
+    acc = _module("gpu_acceptance").Acceptance()
+    acc.run("boom", lambda: 1 / 0)
+    acc.run("fine", lambda: (True, "ok"))
+    acc.run("n/a", lambda: (None, "needs CUDA"))
+    assert acc.checks["boom"]["ok"] is False and "ZeroDivisionError" in acc.checks["boom"]["detail"]
+    assert acc.checks["fine"]["ok"] is True and acc.checks["n/a"]["ok"] is None
+
+
+@pytest.mark.slow
+def test_gpu_acceptance_dry_run_on_cpu(tmp_path):
+    """The GPU acceptance script is run on CPU (tiny model) before any GPU time is spent on it: every check that
+    applies to a CPU passes, and the results file has the acceptance fields."""
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_acceptance.py"), "--device", "cpu", "--results-dir",
+                           str(out)], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = out.glob("gpu-*.json")
+    rec = json.loads(path.read_text())
+    assert rec["device"]["type"] == "cpu" and "fast_speedup_sd15_512" in rec
+    checks = rec["checks"]
+    expected = {"txt2img_fp32", "img2img_fp32", "txt2img_bf16", "img2img_bf16", "replay_bit_exact", "cpu_offload",
+                "vae_tiling", "fast_vs_plain", "train_sigkill_resume", "train_cached_latents", "train_lora",
+                "train_fsdp_1_process"}
+    assert set(checks) == expected
+    skipped = {n for n, c in checks.items() if c["ok"] is None}
+    assert skipped == {"cpu_offload", "train_fsdp_1_process"}  # CUDA-only
+    assert all(c["ok"] is True and c["detail"] for n, c in checks.items() if n not in skipped), checks
+    assert "weights equal" in checks["train_sigkill_resume"]["detail"]

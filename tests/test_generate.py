@@ -339,14 +339,17 @@ def test_bf16_runs(tiny_model):
     assert im.size == (64, 64)
 
 
-@pytest.mark.skipif(not __import__("shutil").which("gcc"), reason="torch.compile on CPU needs a C compiler")
-def test_compile_runs(tiny_model):
+def test_compile_compiles_the_unet(tiny_model, monkeypatch):
+    # the compiler itself runs in the slow tier (tests/test_fast.py: tens of seconds on CPU); here: --compile reaches
+    # torch.compile with the UNet, and the pipeline still draws through what it returns
     from ldm_pipeline.generator import ImageGenerator as Generator
     from ldm_pipeline.settings import RuntimeOptions
 
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
     g = Generator.load(str(tiny_model), RuntimeOptions(device="cpu", compile=True))
-    im = next(g.generate([Job(PROMPT, seed=1, num_inference_steps=1, guidance_scale=1.0)])).image
-    assert im.size == (64, 64)
+    assert compiled == [g.pipe.unet]
+    assert one(g, seed=1, num_inference_steps=2).size == (64, 64)
 
 
 def test_resolve_device_errors_are_one_line(monkeypatch):

@@ -133,13 +133,16 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool = False) -> No
                        help="fitting the init image to the size (or to the VAE factor; default: crop)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights/activations precision (default fp32; replay: the recorded one)")
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="weights/activations precision (default fp32, with --fast the fastest native one; replay: the recorded one)")
     g.add_argument("--attention-slicing", action="store_true", help="diffusers attention slicing (less memory)")
     g.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
     g.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
     g.add_argument("--cpu-offload", action="store_true", help="model CPU offload (GPU memory saver; needs cuda)")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the UNet")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first image)")
+    g.add_argument("--fast", action="store_true", help="the speed-ups that measured best on this device (CPU: bf16 "
+                   "where native, channels-last, torch.compile; CUDA: fp16, fused QKV, compile with CUDA graphs); "
+                   "--dtype overrides its precision; the first image pays the compilation (see docs/generating.md)")
     g = p.add_argument_group("output")
     g.add_argument("-o", "--outdir", default="outputs/img2img" if img2img else "outputs/txt2img", help="output folder")
     g.add_argument("--grid", action="store_true", help="also save a grid of all images")

@@ -1,0 +1,102 @@
+"""``--fast``: the speed-ups that measured best on the device at hand, each one torch's or diffusers' own.
+
+What each device gets, and the measurements behind it (``benchmarks/bench_generate.py --fast --ablate`` and
+``benchmarks/bench_unet.py`` write them to ``benchmarks/results/``; docs/benchmarks.md shows them):
+
+- CPU: bf16 where the CPU computes in it natively (AVX512-BF16 or AMX: about 2x per UNet step at SD 1.5 size; a CPU
+  without it would emulate bf16 and lose), channels-last for the convolutions, and ``torch.compile`` with inductor
+  freezing (weights folded in as constants, oneDNN prepacked: the small models are dominated by per-op overhead,
+  which compiling removes). Not used on CPU: fused QKV projections (no gain measured) and CUDA graphs (none).
+- CUDA: fp16, fused QKV projections, channels-last, and ``torch.compile`` in ``max-autotune`` mode (CUDA graphs
+  for the static shapes of a denoising loop) with the inductor settings diffusers' speed guide recommends.
+
+The first image pays the compilation (reported apart by the benchmark); inductor caches what it compiled on disk
+(``TORCHINDUCTOR_CACHE_DIR``, by default under the ldm_pipeline cache), so later processes start faster.
+A tiny VAE decoder is not part of ``--fast``: it changes the pictures, so it stays something a user asks for.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class FastPlan:
+    """The speed-ups ``--fast`` turns on; each can be switched off alone (the benchmark's ablation does)."""
+
+    dtype: str  # precision: the fastest one the device computes natively
+    channels_last: bool
+    fuse_qkv: bool
+    compile: bool
+    compile_mode: str | None  # torch.compile mode (None: its default)
+    compile_vae: bool  # the VAE decoder too (a tenth of a small model's time)
+
+    def describe(self) -> str:
+        parts = [self.dtype]
+        parts += [name for name, on in (("channels-last", self.channels_last), ("fused QKV", self.fuse_qkv)) if on]
+        if self.compile:
+            parts.append(f"torch.compile({self.compile_mode or 'default'})")
+        return ", ".join(parts)
+
+    def as_record(self) -> dict:
+        return asdict(self)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 matmuls/convolutions in hardware (AVX512-BF16, AMX), not emulated."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # torch's own probe (oneDNN's ISA check)
+
+
+def plan_for(device: str, dtype: str | None = None) -> FastPlan:
+    """The speed-ups for `device` (``cpu``, ``cuda[:N]``, ``mps``); `dtype` overrides the precision it would pick."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        return FastPlan(dtype=dtype or "fp16", channels_last=True, fuse_qkv=True, compile=True,
+                        compile_mode="max-autotune", compile_vae=True)
+    if kind == "cpu":
+        return FastPlan(dtype=dtype or ("bf16" if cpu_has_native_bf16() else "fp32"), channels_last=True,
+                        fuse_qkv=False, compile=True, compile_mode=None, compile_vae=True)
+    # MPS: torch.compile does not target it yet; half precision is what pays there
+    return FastPlan(dtype=dtype or "fp16", channels_last=False, fuse_qkv=False, compile=False, compile_mode=None,
+                    compile_vae=False)
+
+
+def set_compile_cache() -> None:
+    """Keep inductor's compiled kernels in the ldm_pipeline cache (unless the user chose a folder) so that they
+    outlive /tmp cleaning and are found by the next process."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from ldm_pipeline.files import CACHE_DIR
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(CACHE_DIR / "inductor")
+
+
+def apply_plan(pipe, plan: FastPlan, device: str) -> None:
+    """Switch `pipe` (already on `device`, in `plan.dtype`) to the plan's speed-ups, in place."""
+    import torch
+
+    if plan.fuse_qkv:
+        pipe.unet.fuse_qkv_projections()  # diffusers: one matmul for Q, K and V (self-attention) instead of three
+    if plan.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if not plan.compile:
+        return
+    set_compile_cache()
+    options: dict = {}
+    if device.startswith("cpu"):
+        options["freezing"] = True  # inference only: weights become constants, convolutions get prepacked weights
+    else:
+        import torch._inductor.config as inductor
+
+        # diffusers' "accelerate inference" guide: 1x1 convolutions as matmuls, tuned reductions
+        inductor.conv_1x1_as_mm = True
+        inductor.coordinate_descent_tuning = True
+        inductor.epilogue_fusion = False
+        inductor.coordinate_descent_check_all_directions = True
+    compile_kwargs = {"mode": plan.compile_mode} if plan.compile_mode else {"options": options}
+    pipe.unet = torch.compile(pipe.unet, **compile_kwargs)
+    if plan.compile_vae:
+        pipe.vae.decode = torch.compile(pipe.vae.decode, **compile_kwargs)
