@@ -44,14 +44,19 @@ def psnr(a, b) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def ablations(plan) -> dict:
-    """The fast plan, and the plan with each speed-up it uses switched off alone."""
+def ablations(plan, device: str) -> dict:
+    """The fast plan, and the plan with each speed-up flipped alone: off where the plan uses it, on where the plan
+    leaves it out on this device (so each one is measured on and off)."""
+    from ldm_pipeline.fast import cpu_has_native_bf16
+
     out = {"fast": plan}
     if plan.dtype != "fp32":
         out[f"fast without {plan.dtype}"] = dataclasses.replace(plan, dtype="fp32")
+    elif device == "cpu" and cpu_has_native_bf16():
+        out["fast with bf16"] = dataclasses.replace(plan, dtype="bf16")
     for field, label in (("channels_last", "channels-last"), ("fuse_qkv", "fused QKV"), ("compile", "compile")):
-        if getattr(plan, field):
-            out[f"fast without {label}"] = dataclasses.replace(plan, **{field: False})
+        on = getattr(plan, field)
+        out[f"fast {'without' if on else 'with'} {label}"] = dataclasses.replace(plan, **{field: not on})
     return out
 
 
@@ -68,8 +73,8 @@ def pipeline_variants(args, model: str, device: str) -> tuple[dict[str, Callable
     plain = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype(plain_dtype)).to(device)
     plain.set_progress_bar_config(disable=True)
     plain.scheduler = DDIMScheduler.from_config(plain.scheduler.config)
-    plan = plan_for(device, args.dtype)
-    plans = ablations(plan) if args.ablate else {"fast": plan}
+    plan = plan_for(device, args.dtype, unet_params=plain.unet.num_parameters())
+    plans = ablations(plan, device) if args.ablate else {"fast": plan}
     gens = {}
     for name, p in plans.items():
         gens[name] = ImageGenerator.load(model, RuntimeOptions(device=device, dtype=p.dtype))
@@ -113,8 +118,8 @@ def unet_variants(args, spec_name: str, device: str) -> tuple[dict[str, Callable
     torch.manual_seed(0)
     base = UNet2DConditionModel(**spec.unet).eval()
     plain_dtype = args.plain_dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    plan = plan_for(device, args.dtype)
-    plans = ablations(plan) if args.ablate else {"fast": plan}
+    plan = plan_for(device, args.dtype, unet_params=base.num_parameters())
+    plans = ablations(plan, device) if args.ablate else {"fast": plan}
     factor = 2 ** (len(spec.vae["block_out_channels"]) - 1)
     h, w = (args.height or spec.unet["sample_size"] * factor), (args.width or spec.unet["sample_size"] * factor)
     n = 2 * args.batch_size

@@ -179,7 +179,7 @@ def fast_check(acc: Acceptance, model: Path, device: str, size: int, cuda: bool,
             from ldm_pipeline import fast
 
             real = fast.plan_for
-            fast.plan_for = lambda d, dt=None: __import__("dataclasses").replace(real(d, dt), compile=False)
+            fast.plan_for = lambda *a, **kw: __import__("dataclasses").replace(real(*a, **kw), compile=False)
             try:
                 runs, _ = bench_fast.pipeline_variants(args, str(model), device)
             finally:

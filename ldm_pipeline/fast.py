@@ -3,8 +3,8 @@
 What each device gets, and the measurements behind it (``benchmarks/bench_generate.py --fast --ablate`` and
 ``benchmarks/bench_unet.py`` write them to ``benchmarks/results/``; docs/benchmarks.md shows them):
 
-- CPU: bf16 where the CPU computes in it natively (AVX512-BF16 or AMX: about 2x per UNet step at SD 1.5 size; a CPU
-  without it would emulate bf16 and lose), channels-last for the convolutions, and ``torch.compile`` with inductor
+- CPU: bf16 for SD-size UNets where the CPU computes in it natively (AVX512-BF16 or AMX: about 2x per UNet step at
+  SD 1.5 size; small models gain nothing from it, and a CPU without it would emulate bf16 and lose), channels-last for the convolutions, and ``torch.compile`` with inductor
   freezing (weights folded in as constants, oneDNN prepacked: the small models are dominated by per-op overhead,
   which compiling removes). Not used on CPU: fused QKV projections (no gain measured) and CUDA graphs (none).
 - CUDA: fp16, fused QKV projections, channels-last, and ``torch.compile`` in ``max-autotune`` mode (CUDA graphs
@@ -50,14 +50,22 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # torch's own probe (oneDNN's ISA check)
 
 
-def plan_for(device: str, dtype: str | None = None) -> FastPlan:
-    """The speed-ups for `device` (``cpu``, ``cuda[:N]``, ``mps``); `dtype` overrides the precision it would pick."""
+# bf16 on a CPU pays where the convolutions and matmuls are big enough to be compute-bound: an SD 1.5 UNet step
+# (860M parameters) takes half the time; the shipped 64x64 model's (5M) gains nothing at batch 1, loses at batch 8
+# and falls to ~30 dB PSNR (benchmarks/results/fast-*.json)
+CPU_BF16_MIN_UNET_PARAMS = 100_000_000
+
+
+def plan_for(device: str, dtype: str | None = None, unet_params: int | None = None) -> FastPlan:
+    """The speed-ups for `device` (``cpu``, ``cuda[:N]``, ``mps``) and a UNet of `unet_params` parameters (unknown:
+    SD-size); `dtype` overrides the precision it would pick."""
     kind = device.split(":")[0]
     if kind == "cuda":
         return FastPlan(dtype=dtype or "fp16", channels_last=True, fuse_qkv=True, compile=True,
                         compile_mode="max-autotune", compile_vae=True)
     if kind == "cpu":
-        return FastPlan(dtype=dtype or ("bf16" if cpu_has_native_bf16() else "fp32"), channels_last=True,
+        big = unet_params is None or unet_params >= CPU_BF16_MIN_UNET_PARAMS
+        return FastPlan(dtype=dtype or ("bf16" if big and cpu_has_native_bf16() else "fp32"), channels_last=True,
                         fuse_qkv=False, compile=True, compile_mode=None, compile_vae=True)
     # MPS: torch.compile does not target it yet; half precision is what pays there
     return FastPlan(dtype=dtype or "fp16", channels_last=False, fuse_qkv=False, compile=False, compile_mode=None,

@@ -130,17 +130,16 @@ class ImageGenerator:
 
         options = options or RuntimeOptions()
         device = resolve_device(options.device)
-        plan = None
-        if options.fast:
-            plan = plan_for(device, None if options.dtype == "auto" else options.dtype)
-            options = dataclasses.replace(options, dtype=plan.dtype)
-        elif options.dtype == "auto":
-            options = dataclasses.replace(options, dtype="fp32")
-        dtype = torch_dtype(options.dtype)
+        chosen = None if options.dtype == "auto" else options.dtype
         pipe, info = load_pipeline(
-            model, torch_dtype=dtype, allow_pickle=options.allow_pickle, model_config=options.model_config
+            model, torch_dtype=torch_dtype(chosen or "fp32"), allow_pickle=options.allow_pickle,
+            model_config=options.model_config,
         )
-        if pipe.unet.dtype != dtype:  # a diffusers that ignored the dtype argument: cast, so the record is true
+        # --fast picks the precision from the device and the model's size (unless --dtype did)
+        plan = plan_for(device, chosen, unet_params=pipe.unet.num_parameters()) if options.fast else None
+        options = dataclasses.replace(options, dtype=plan.dtype if plan else (chosen or "fp32"))
+        dtype = torch_dtype(options.dtype)
+        if pipe.unet.dtype != dtype:  # --fast's choice, or a diffusers that ignored the dtype argument
             pipe.to(dtype=dtype)
         for path in options.lora:
             load_lora(pipe, path, allow_pickle=options.allow_pickle)

@@ -29,8 +29,7 @@ def psnr(a, b) -> float:
 def no_compile(monkeypatch):
     """The fast plan without torch.compile: everything else of --fast, in well under a second."""
     real = fast.plan_for
-    monkeypatch.setattr(fast, "plan_for", lambda device, dtype=None: dataclasses.replace(real(device, dtype),
-                                                                                         compile=False))
+    monkeypatch.setattr(fast, "plan_for", lambda *a, **kw: dataclasses.replace(real(*a, **kw), compile=False))
     import ldm_pipeline.generator as generator_module
 
     monkeypatch.setattr(generator_module, "plan_for", fast.plan_for)
@@ -41,17 +40,19 @@ def test_each_device_gets_its_plan(monkeypatch):
     assert (cuda.dtype, cuda.fuse_qkv, cuda.channels_last, cuda.compile, cuda.compile_mode) == \
         ("fp16", True, True, True, "max-autotune")
     monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)
-    cpu = fast.plan_for("cpu")
+    cpu = fast.plan_for("cpu", unet_params=860_000_000)  # SD 1.5's UNet
     assert (cpu.dtype, cpu.fuse_qkv, cpu.channels_last, cpu.compile) == ("bf16", False, True, True)
+    assert fast.plan_for("cpu", unet_params=5_000_000).dtype == "fp32"  # a small model gains nothing from bf16
     monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: False)  # emulated bf16 would be slower than fp32
-    assert fast.plan_for("cpu").dtype == "fp32"
+    assert fast.plan_for("cpu", unet_params=860_000_000).dtype == "fp32"
     assert fast.plan_for("cpu", "fp16").dtype == "fp16" and fast.plan_for("cuda", "bf16").dtype == "bf16"
     assert not fast.plan_for("mps").compile
     assert "torch.compile(max-autotune)" in cuda.describe() and cuda.as_record()["dtype"] == "fp16"
 
 
 def test_fast_image_is_close_to_the_normal_one_and_records_it(tiny_model, tmp_path, no_compile, monkeypatch):
-    monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)  # the same plan on every CPU
+    monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)  # the same plan on every CPU,
+    monkeypatch.setattr(fast, "CPU_BF16_MIN_UNET_PARAMS", 0)  # as if the tiny model were SD-size: bf16
     out = tmp_path / "o"
     args = ["txt2img", PROMPT, "--model", str(tiny_model), "--seed", "3", "--steps", "6", "--outdir", str(out), "-q"]
     assert ldm_main(args) == 0

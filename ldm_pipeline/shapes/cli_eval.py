@@ -37,6 +37,7 @@ def build_parser(prog: str = "ldm eval") -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=0.6, help="img2img strength of the recolour test")
     p.add_argument("--max-prompts", type=int, help="a quick look: only the first N prompts of each set")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--fast", action="store_true", help="score the --fast path (see ldm txt2img --help)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -56,13 +57,15 @@ def run(args: argparse.Namespace) -> int:
     check_outdir(out)
     gen = Generator.load(args.model, RuntimeOptions(device=args.device, allow_pickle=args.allow_pickle,
                                                     model_config=args.model_config, lora=args.lora,
-                                                    lora_scale=args.lora_scale))
+                                                    lora_scale=args.lora_scale, fast=args.fast,
+                                                    dtype="auto"))
     settings = EvalSettings(seeds_per_prompt=args.seeds_per_prompt, seed=args.seed, num_inference_steps=args.steps,
                             guidance_scale=args.guidance_scale, guidance_cutoff=args.guidance_cutoff,
                             scheduler=args.scheduler, batch_size=args.batch_size, recolour_prompts=args.recolour,
                             recolour_strength=args.strength, max_prompts_per_set=args.max_prompts)
     result = run_eval(gen, settings, progress=not args.quiet)
-    report = {"model": gen.info.name, "model_hash": gen.info.hash, "settings": vars(settings) | {
+    report = {"model": gen.info.name, "model_hash": gen.info.hash, "dtype": gen.options.dtype,
+              "fast": gen.fast_plan.as_record() if gen.fast_plan else None, "settings": vars(settings) | {
         "num_inference_steps": settings.num_inference_steps or gen.defaults.num_inference_steps,
         "guidance_scale": settings.guidance_scale if settings.guidance_scale is not None else gen.defaults.guidance_scale,
         "guidance_cutoff": (settings.guidance_cutoff if settings.guidance_cutoff is not None
