@@ -1,12 +1,14 @@
 """``--fast``: the speed-ups that measured best on the device at hand, each one torch's or diffusers' own.
 
-What each device gets, and the measurements behind it (``benchmarks/bench_generate.py --fast --ablate`` and
-``benchmarks/bench_unet.py`` write them to ``benchmarks/results/``; docs/benchmarks.md shows them):
+What each device gets, and the measurements behind it (``benchmarks/bench_fast.py --ablate`` writes them to
+``benchmarks/results/fast-*.json``; docs/benchmarks.md shows them):
 
-- CPU: bf16 for SD-size UNets where the CPU computes in it natively (AVX512-BF16 or AMX: about 2x per UNet step at
-  SD 1.5 size; small models gain nothing from it, and a CPU without it would emulate bf16 and lose), channels-last for the convolutions, and ``torch.compile`` with inductor
-  freezing (weights folded in as constants, oneDNN prepacked: the small models are dominated by per-op overhead,
-  which compiling removes). Not used on CPU: fused QKV projections (no gain measured) and CUDA graphs (none).
+- CPU, SD-size UNets: bf16 where the CPU computes in it natively (AVX512-BF16 or AMX: half the time of an SD 1.5
+  UNet step; a CPU without it would emulate bf16 and lose) and channels-last for the convolutions. Compiling gains
+  ~1 % there, for a minute of compilation: not used.
+- CPU, small UNets (the shipped model): ``torch.compile`` of the UNet and the VAE decoder with inductor freezing
+  (weights folded in as constants, oneDNN prepacked): per-op overhead dominates them, and compiling removes it. bf16
+  and channels-last lose there. Fused QKV projections measured within noise on CPU: not used.
 - CUDA: fp16, fused QKV projections, channels-last, and ``torch.compile`` in ``max-autotune`` mode (CUDA graphs
   for the static shapes of a denoising loop) with the inductor settings diffusers' speed guide recommends.
 
@@ -50,10 +52,12 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # torch's own probe (oneDNN's ISA check)
 
 
-# bf16 on a CPU pays where the convolutions and matmuls are big enough to be compute-bound: an SD 1.5 UNet step
-# (860M parameters) takes half the time; the shipped 64x64 model's (5M) gains nothing at batch 1, loses at batch 8
-# and falls to ~30 dB PSNR (benchmarks/results/fast-*.json)
-CPU_BF16_MIN_UNET_PARAMS = 100_000_000
+# What pays on a CPU depends on the UNet's size (benchmarks/results/fast-*.json, bench_fast.py --ablate):
+# - SD-size (SD 1.5's UNet, 860M parameters, 512 px): compute-bound. bf16 halves a step, channels-last adds ~10 %,
+#   torch.compile ~1 % for 20-60 s of compilation: bf16 + channels-last, no compile.
+# - small (the shipped model, 5M parameters, 64 px): per-op overhead dominates. Compiling gains ~25 %; bf16 gains
+#   nothing at batch 1, loses at batch 8 and falls to ~30 dB PSNR; channels-last loses ~10 % at batch 8: compile only.
+CPU_BIG_UNET_PARAMS = 100_000_000
 
 
 def plan_for(device: str, dtype: str | None = None, unet_params: int | None = None) -> FastPlan:
@@ -64,9 +68,9 @@ def plan_for(device: str, dtype: str | None = None, unet_params: int | None = No
         return FastPlan(dtype=dtype or "fp16", channels_last=True, fuse_qkv=True, compile=True,
                         compile_mode="max-autotune", compile_vae=True)
     if kind == "cpu":
-        big = unet_params is None or unet_params >= CPU_BF16_MIN_UNET_PARAMS
-        return FastPlan(dtype=dtype or ("bf16" if big and cpu_has_native_bf16() else "fp32"), channels_last=True,
-                        fuse_qkv=False, compile=True, compile_mode=None, compile_vae=True)
+        big = unet_params is None or unet_params >= CPU_BIG_UNET_PARAMS
+        return FastPlan(dtype=dtype or ("bf16" if big and cpu_has_native_bf16() else "fp32"), channels_last=big,
+                        fuse_qkv=False, compile=not big, compile_mode=None, compile_vae=not big)
     # MPS: torch.compile does not target it yet; half precision is what pays there
     return FastPlan(dtype=dtype or "fp16", channels_last=False, fuse_qkv=False, compile=False, compile_mode=None,
                     compile_vae=False)

@@ -40,9 +40,10 @@ def test_each_device_gets_its_plan(monkeypatch):
     assert (cuda.dtype, cuda.fuse_qkv, cuda.channels_last, cuda.compile, cuda.compile_mode) == \
         ("fp16", True, True, True, "max-autotune")
     monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)
-    cpu = fast.plan_for("cpu", unet_params=860_000_000)  # SD 1.5's UNet
-    assert (cpu.dtype, cpu.fuse_qkv, cpu.channels_last, cpu.compile) == ("bf16", False, True, True)
-    assert fast.plan_for("cpu", unet_params=5_000_000).dtype == "fp32"  # a small model gains nothing from bf16
+    cpu = fast.plan_for("cpu", unet_params=860_000_000)  # SD 1.5's UNet: compute-bound
+    assert (cpu.dtype, cpu.fuse_qkv, cpu.channels_last, cpu.compile) == ("bf16", False, True, False)
+    small = fast.plan_for("cpu", unet_params=5_000_000)  # the shipped model: overhead-bound
+    assert (small.dtype, small.fuse_qkv, small.channels_last, small.compile) == ("fp32", False, False, True)
     monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: False)  # emulated bf16 would be slower than fp32
     assert fast.plan_for("cpu", unet_params=860_000_000).dtype == "fp32"
     assert fast.plan_for("cpu", "fp16").dtype == "fp16" and fast.plan_for("cuda", "bf16").dtype == "bf16"
@@ -52,7 +53,7 @@ def test_each_device_gets_its_plan(monkeypatch):
 
 def test_fast_image_is_close_to_the_normal_one_and_records_it(tiny_model, tmp_path, no_compile, monkeypatch):
     monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)  # the same plan on every CPU,
-    monkeypatch.setattr(fast, "CPU_BF16_MIN_UNET_PARAMS", 0)  # as if the tiny model were SD-size: bf16
+    monkeypatch.setattr(fast, "CPU_BIG_UNET_PARAMS", 0)  # as if the tiny model were SD-size: bf16
     out = tmp_path / "o"
     args = ["txt2img", PROMPT, "--model", str(tiny_model), "--seed", "3", "--steps", "6", "--outdir", str(out), "-q"]
     assert ldm_main(args) == 0
@@ -67,7 +68,8 @@ def test_fast_image_is_close_to_the_normal_one_and_records_it(tiny_model, tmp_pa
     assert np.array_equal(np.asarray(Image.open(quick)), np.asarray(Image.open(out / "00002-3.png")))
 
 
-def test_dtype_overrides_the_fast_precision_and_the_api_matches_the_cli(tiny_model, no_compile):
+def test_dtype_overrides_the_fast_precision_and_the_api_matches_the_cli(tiny_model, no_compile, monkeypatch):
+    monkeypatch.setattr(fast, "CPU_BIG_UNET_PARAMS", 0)  # the SD-size plan: bf16 and channels-last
     g = ImageGenerator.load(str(tiny_model), RuntimeOptions(device="cpu", fast=True, dtype="fp32"))
     assert g.options.dtype == "fp32" and g.pipe.unet.dtype == torch.float32 and g.fast_plan.channels_last
     assert g.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

@@ -140,8 +140,9 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool = False) -> No
     g.add_argument("--cpu-offload", action="store_true", help="model CPU offload (GPU memory saver; needs cuda)")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the UNet")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first image)")
-    g.add_argument("--fast", action="store_true", help="the speed-ups that measured best on this device (CPU: bf16 "
-                   "where native, channels-last, torch.compile; CUDA: fp16, fused QKV, compile with CUDA graphs); "
+    g.add_argument("--fast", action="store_true", help="the speed-ups that measured best on this device and model "
+                   "(CPU: bf16 + channels-last for SD-size models, torch.compile for small ones; CUDA: fp16, fused "
+                   "QKV, compile with CUDA graphs); "
                    "--dtype overrides its precision; the first image pays the compilation (see docs/generating.md)")
     g = p.add_argument_group("output")
     g.add_argument("-o", "--outdir", default="outputs/img2img" if img2img else "outputs/txt2img", help="output folder")
