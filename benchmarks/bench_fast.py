@@ -110,7 +110,7 @@ def unet_variants(args, spec_name: str, device: str) -> tuple[dict[str, Callable
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ldm_pipeline.fast import plan_for, set_compile_cache
+    from ldm_pipeline.fast import plan_for, prepare_unet
     from ldm_pipeline.models import load_model_spec
     from ldm_pipeline.settings import torch_dtype
 
@@ -132,14 +132,7 @@ def unet_variants(args, spec_name: str, device: str) -> tuple[dict[str, Callable
 
         unet = copy.deepcopy(base).to(device, torch_dtype(dtype_name))
         if p is not None:
-            if p.fuse_qkv:
-                unet.fuse_qkv_projections()
-            if p.channels_last:
-                unet.to(memory_format=torch.channels_last)
-            if p.compile:
-                set_compile_cache()
-                kw = {"mode": p.compile_mode} if p.compile_mode else {"options": {"freezing": device == "cpu"}}
-                unet = torch.compile(unet, **kw)
+            unet = prepare_unet(unet, p, device)
         x, e = latents.to(device, torch_dtype(dtype_name)), text.to(device, torch_dtype(dtype_name))
 
         def run(seed: int) -> list:

@@ -140,6 +140,8 @@ def generation_checks(acc: Acceptance, model: Path, work: Path, device: str, siz
         rc = ldm("txt2img", PROMPT, *common, "--dtype", "fp16", "--seed", "1", "--cpu-offload", "-o", out)
         if rc != 0:
             return False, f"exit {rc}"
+        from bench_fast import psnr
+
         p = psnr(pixels(made["fp16"]), pixels(only_png(out)))
         return p >= 40, f"PSNR {p:.1f} dB vs the same image without offload"
 
@@ -155,13 +157,6 @@ def generation_checks(acc: Acceptance, model: Path, work: Path, device: str, siz
         return ok, f"exit {rc}" + (f", {a.shape[1]}x{a.shape[0]}" if a is not None else "")
 
     acc.run("vae_tiling", tiling)
-
-
-def psnr(a, b) -> float:
-    import numpy as np
-
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def fast_check(acc: Acceptance, model: Path, device: str, size: int, cuda: bool, repeats: int) -> dict:

@@ -85,30 +85,42 @@ def set_compile_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(CACHE_DIR / "inductor")
 
 
+def compile_kwargs(plan: FastPlan, device: str) -> dict:
+    """``torch.compile`` arguments for `plan` on `device` (and, on CUDA, the inductor settings they rely on)."""
+    if plan.compile_mode:
+        if not device.startswith("cpu"):
+            import torch._inductor.config as inductor
+
+            # diffusers' "accelerate inference" guide: 1x1 convolutions as matmuls, tuned reductions
+            inductor.conv_1x1_as_mm = True
+            inductor.coordinate_descent_tuning = True
+            inductor.epilogue_fusion = False
+            inductor.coordinate_descent_check_all_directions = True
+        return {"mode": plan.compile_mode}
+    # CPU inference: weights become constants, convolutions get prepacked oneDNN weights
+    return {"options": {"freezing": device.startswith("cpu")}}
+
+
+def prepare_unet(unet, plan: FastPlan, device: str):
+    """`unet` with the plan's fused QKV, memory format and compilation; returns what to call (compiled or not)."""
+    import torch
+
+    if plan.fuse_qkv:
+        unet.fuse_qkv_projections()  # diffusers: one matmul for Q, K and V (self-attention) instead of three
+    if plan.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if not plan.compile:
+        return unet
+    set_compile_cache()
+    return torch.compile(unet, **compile_kwargs(plan, device))
+
+
 def apply_plan(pipe, plan: FastPlan, device: str) -> None:
     """Switch `pipe` (already on `device`, in `plan.dtype`) to the plan's speed-ups, in place."""
     import torch
 
-    if plan.fuse_qkv:
-        pipe.unet.fuse_qkv_projections()  # diffusers: one matmul for Q, K and V (self-attention) instead of three
+    pipe.unet = prepare_unet(pipe.unet, plan, device)
     if plan.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    if not plan.compile:
-        return
-    set_compile_cache()
-    options: dict = {}
-    if device.startswith("cpu"):
-        options["freezing"] = True  # inference only: weights become constants, convolutions get prepacked weights
-    else:
-        import torch._inductor.config as inductor
-
-        # diffusers' "accelerate inference" guide: 1x1 convolutions as matmuls, tuned reductions
-        inductor.conv_1x1_as_mm = True
-        inductor.coordinate_descent_tuning = True
-        inductor.epilogue_fusion = False
-        inductor.coordinate_descent_check_all_directions = True
-    compile_kwargs = {"mode": plan.compile_mode} if plan.compile_mode else {"options": options}
-    pipe.unet = torch.compile(pipe.unet, **compile_kwargs)
-    if plan.compile_vae:
-        pipe.vae.decode = torch.compile(pipe.vae.decode, **compile_kwargs)
+    if plan.compile and plan.compile_vae:
+        pipe.vae.decode = torch.compile(pipe.vae.decode, **compile_kwargs(plan, device))
