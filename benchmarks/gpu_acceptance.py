@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,13 +224,18 @@ def train_args(model: Path, data: Path, out: Path, cuda: bool, *extra: str) -> l
 
 
 def training_checks(acc: Acceptance, model: Path, data: Path, work: Path, device: str, cuda: bool) -> None:
-    steps, every = 10, 3
-    resume_args = ["--max-steps", str(steps), "--checkpoint-every", str(every), "ema.enabled=true"]
+    # an SD 1.5 checkpoint (fp32 UNet, EMA, AdamW state) is ~14 GB: few of them, one kept, so two runs fit on disk;
+    # after checkpoint-2 the killed run still has steps and a checkpoint to write, so the kill lands mid-run
+    steps, every = (6, 2) if cuda else (10, 3)
+    resume_args = ["--max-steps", str(steps), "--checkpoint-every", str(every), "ema.enabled=true",
+                   "checkpoints_total_limit=1"]
 
     def sigkill_resume() -> tuple[bool, str]:
         ref, killed = work / "train-ref", work / "train-killed"
         if ldm(*train_args(model, data, ref, cuda, *resume_args)) != 0:
             return False, "the uninterrupted run failed"
+        for old in ref.glob("checkpoint-*"):  # only final/ and final_raw/ are compared: free the disk
+            shutil.rmtree(old)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         if not cuda:
             env["CUDA_VISIBLE_DEVICES"] = ""
