@@ -83,7 +83,8 @@ def test_dtype_overrides_the_fast_precision_and_the_api_matches_the_cli(tiny_mod
 def test_replaying_a_fast_image_without_fast_warns(tiny_model, tmp_path, no_compile, capsys):
     out = tmp_path / "o"
     assert ldm_main(["txt2img", PROMPT, "--model", str(tiny_model), "--seed", "1", "--steps", "2", "--fast",
-                     "--outdir", str(out), "-q"]) == 0
+                     "--outdir", str(out)]) == 0
+    assert "--fast: fp32" in capsys.readouterr().err  # what --fast turned on is said once
     from ldm_pipeline.replay import read_record, replay_warnings
 
     plain = ImageGenerator.load(str(tiny_model), RuntimeOptions(device="cpu"))

@@ -167,6 +167,10 @@ def run(args: argparse.Namespace, img2img: bool = False) -> int:
         gen = ImageGenerator.load(model, options)
         for warning in replay_warnings(record, gen) if record is not None else ():
             print(f"warning: {warning}", file=sys.stderr)
+        if gen.fast_plan is not None and not args.quiet and (state is None or state.is_local_main_process):
+            print(f"--fast: {gen.fast_plan.describe()}"
+                  + (" (the first image waits for the compilation; later runs reuse its cache)"
+                     if gen.fast_plan.compile else ""), file=sys.stderr)
         return generate_and_save(gen, my_jobs, args, outdir, start_number, state, batch_size, keep)
 
 
