@@ -70,7 +70,9 @@ def pipeline_variants(args, model: str, device: str) -> tuple[dict[str, Callable
     from ldm_pipeline.settings import Job, RuntimeOptions, torch_dtype
 
     plain_dtype = args.plain_dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    plain = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype(plain_dtype)).to(device)
+    # no safety checker on either side (ours never loads one): the same work is timed
+    plain = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype(plain_dtype), safety_checker=None,
+                                                    requires_safety_checker=False).to(device)
     plain.set_progress_bar_config(disable=True)
     plain.scheduler = DDIMScheduler.from_config(plain.scheduler.config)
     plan = plan_for(device, args.dtype, unet_params=plain.unet.num_parameters())
@@ -137,7 +139,8 @@ def unet_variants(args, spec_name: str, device: str) -> tuple[dict[str, Callable
 
         def run(seed: int) -> list:
             with torch.inference_mode():
-                return [unet(x, torch.tensor(500 + seed % 7, device=device), encoder_hidden_states=e).sample.float()]
+                out = unet(x, torch.tensor(500 + seed % 7, device=device), encoder_hidden_states=e).sample
+                return [out.float().clone()]  # a copy: CUDA graphs reuse the output's memory at the next call
 
         return run
 

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any CUDA work: the resume check's deterministic run
 
 import results  # noqa: E402  (benchmarks/results.py)
 
@@ -219,16 +220,20 @@ def train_args(model: Path, data: Path, out: Path, cuda: bool, *extra: str) -> l
     else:
         base = ["--config", "tiny_test", "--resolution", "32", "--mixed-precision", "bf16",
                 "gradient_checkpointing=true"]
+    # checkpoint_pipeline=false: no model folders inside checkpoints (an SD 1.5 one would add ~9 GB to each)
     return ["train", *base, "--model", str(model), "--data", str(data), "--output-dir", str(out), "--validate-every",
-            "0", "--report-to", "none", "--no-progress", "--lr-warmup-steps", "0", *extra]
+            "0", "--report-to", "none", "--no-progress", "--lr-warmup-steps", "0", "checkpoint_pipeline=false",
+            *extra]
 
 
 def training_checks(acc: Acceptance, model: Path, data: Path, work: Path, device: str, cuda: bool) -> None:
-    # an SD 1.5 checkpoint (fp32 UNet, EMA, AdamW state) is ~14 GB: few of them, one kept, so two runs fit on disk;
-    # after checkpoint-2 the killed run still has steps and a checkpoint to write, so the kill lands mid-run
+    # an SD 1.5 checkpoint (fp32 UNet, EMA, AdamW state) is ~14 GB: few of them, one kept, each run's folder removed
+    # once checked, so the GPU machine's disk holds them; after checkpoint-2 the killed run still has steps and a
+    # checkpoint to write, so the kill lands mid-run. Deterministic kernels: without them two uninterrupted CUDA runs
+    # already differ (flash attention's backward), and the comparison would say nothing about resume
     steps, every = (6, 2) if cuda else (10, 3)
     resume_args = ["--max-steps", str(steps), "--checkpoint-every", str(every), "ema.enabled=true",
-                   "checkpoints_total_limit=1"]
+                   "checkpoints_total_limit=1", "deterministic=true"]
 
     def sigkill_resume() -> tuple[bool, str]:
         ref, killed = work / "train-ref", work / "train-killed"
@@ -240,22 +245,28 @@ def training_checks(acc: Acceptance, model: Path, data: Path, work: Path, device
         if not cuda:
             env["CUDA_VISIBLE_DEVICES"] = ""
         cmd = [sys.executable, "-m", "ldm_pipeline", *train_args(model, data, killed, cuda, *resume_args)]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = open(work / "train-killed.log", "w")  # a file, not a pipe nobody reads while waiting (it could fill)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while not (killed / f"checkpoint-{every}").is_dir():
             if proc.poll() is not None:
-                return False, f"the run to kill ended first (exit {proc.returncode}): {proc.stderr.read()[-300:]}"
+                log.close()
+                return False, (f"the run to kill ended first (exit {proc.returncode}): "
+                               f"{(work / 'train-killed.log').read_text()[-300:]}")
             if time.time() > deadline:
                 proc.kill()
                 return False, "no checkpoint within 300 s"
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        log.close()
         if (killed / "final").exists():
             return False, "the run finished before the kill: inconclusive"
         if ldm(*train_args(model, data, killed, cuda, *resume_args, "--resume", "latest")) != 0:
             return False, "resume failed"
         same = all(weights_digest(ref / f) == weights_digest(killed / f) for f in ("final", "final_raw"))
+        shutil.rmtree(ref)
+        shutil.rmtree(killed)
         precision = "fp16" if cuda else "bf16"
         return same, (f"{precision} mixed precision, gradient checkpointing, killed after checkpoint-{every}, "
                       f"resumed: final and EMA weights {'equal' if same else 'DIFFER'}")
@@ -268,6 +279,7 @@ def training_checks(acc: Acceptance, model: Path, data: Path, work: Path, device
         m = json.loads((out / "metrics.json").read_text()) if rc == 0 else {}
         losses = [v for _, v in m.get("losses", [])]
         ok = rc == 0 and bool(losses) and all(math.isfinite(v) for v in losses)
+        shutil.rmtree(out, ignore_errors=True)
         return ok, f"exit {rc}, {len(losses)} finite losses" if ok else f"exit {rc}, losses {losses}"
 
     acc.run("train_cached_latents", cached)
@@ -281,6 +293,7 @@ def training_checks(acc: Acceptance, model: Path, data: Path, work: Path, device
         rc2 = ldm("txt2img", PROMPT, "--model", model, "--lora", files[0], "--device", device, "--steps", "4",
                   "--height", "64" if not cuda else "256", "--width", "64" if not cuda else "256", "-o",
                   work / "lora-img", "-q") if files else -1
+        shutil.rmtree(out, ignore_errors=True)
         return rc2 == 0, f"adapter {files[0].name if files else 'missing'}, txt2img with it: exit {rc2}"
 
     acc.run("train_lora", lora)
@@ -296,6 +309,7 @@ def training_checks(acc: Acceptance, model: Path, data: Path, work: Path, device
         r = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                            timeout=400)
         ok = r.returncode == 0 and (out / "final").is_dir()
+        shutil.rmtree(out, ignore_errors=True)
         return ok, f"exit {r.returncode}" + ("" if ok else f": {r.stderr.strip()[-300:]}")
 
     acc.run("train_fsdp_1_process", fsdp)

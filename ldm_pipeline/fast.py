@@ -112,7 +112,21 @@ def prepare_unet(unet, plan: FastPlan, device: str):
     if not plan.compile:
         return unet
     set_compile_cache()
-    return torch.compile(unet, **compile_kwargs(plan, device))
+    compiled = torch.compile(unet, **compile_kwargs(plan, device))
+    if not device.startswith("cpu"):
+        # CUDA graphs reuse their output memory at the next replay; a scheduler that keeps the raw model output
+        # across steps (PNDM, SD 1.5's default, on an unguided step) would read an overwritten tensor. The hook runs
+        # outside the compiled region and hands the pipeline a copy.
+        compiled.register_forward_hook(_copy_outputs)
+    return compiled
+
+
+def _copy_outputs(module, args, output):
+    if isinstance(output, tuple):
+        return tuple(t.clone() if hasattr(t, "clone") else t for t in output)
+    if hasattr(output, "sample"):
+        return type(output)(sample=output.sample.clone())
+    return output
 
 
 def apply_plan(pipe, plan: FastPlan, device: str) -> None:

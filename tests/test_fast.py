@@ -104,3 +104,14 @@ def test_compiled_fast_path_runs_close_and_replays_exactly(tiny_model, tmp_path)
         assert psnr(Image.open(out / f"0000{i}-{7 + i}.png"), Image.open(out / f"0000{2 + i}-{7 + i}.png")) >= 30
     assert ldm_main(["txt2img", "--replay", str(out / "00002-7.png"), "--outdir", str(out), "-q"]) == 0
     assert np.array_equal(np.asarray(Image.open(out / "00002-7.png")), np.asarray(Image.open(out / "00004-7.png")))
+
+
+def test_outputs_of_a_cuda_graph_unet_reach_the_pipeline_as_copies():
+    # CUDA graphs overwrite their outputs at the next replay; PNDM keeps a raw output across steps
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    t = torch.ones(2)
+    (copied,) = fast._copy_outputs(None, (), (t,))
+    wrapped = fast._copy_outputs(None, (), UNet2DConditionOutput(sample=t))
+    t.zero_()
+    assert copied.tolist() == [1.0, 1.0] and wrapped.sample.tolist() == [1.0, 1.0]

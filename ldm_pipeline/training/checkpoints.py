@@ -225,7 +225,7 @@ def prepare_output_dir(output_dir: str | Path, resume: str | None, overwrite: bo
 RESUME_MAY_CHANGE = ("model", "cache_latents", "max_steps", "checkpoint_every", "checkpoints_total_limit", "checkpoint_pipeline",
                      "validate_every", "validation.", "report_to", "log_every", "progress_bar", "output_dir",
                      "resume", "overwrite", "cache_dir", "cache_batch_size", "allow_resume_changes", "eval_every",
-                     "num_eval_images", "eval_batch_size", "num_grid_images", "device", "num_threads")
+                     "num_eval_images", "eval_batch_size", "num_grid_images", "device", "num_threads", "deterministic")
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

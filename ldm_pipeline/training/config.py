@@ -109,6 +109,9 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20% slower
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+    # deterministic GPU kernels (torch.use_deterministic_algorithms, by accelerate's set_seed): a run, and a resumed
+    # run, repeat bit for bit on the same GPU (flash attention's and cuDNN's backward are not so by default); slower
+    deterministic: bool = False
     # --- objective
     prediction_type: Literal["model", "epsilon", "v_prediction"] = "model"  # model = the scheduler's own
     snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is the paper's choice

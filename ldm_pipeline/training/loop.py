@@ -14,6 +14,7 @@ number of processes and accumulation steps; the accumulation count is accelerate
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,10 @@ def _train(config: TrainConfig, accelerator, hooks: TrainHooks) -> TrainResult:
     resume_from = ckpt.prepare_output_dir(config.output_dir, config.resume, config.overwrite,
                                           accelerator.process_index, accelerator.is_main_process,
                                           accelerator.wait_for_everyone)
-    set_seed(config.seed)  # model init of configs/models YAMLs; resume restores the RNG states anyway
+    if config.deterministic:  # cuBLAS reads it when its first handle is made, which is after this point
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # model init of configs/models YAMLs (resume restores the RNG states anyway); deterministic kernels if asked
+    set_seed(config.seed, deterministic=config.deterministic)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     run = setup_models(config, accelerator)

@@ -163,3 +163,19 @@ def test_resume_refuses_a_changed_training_config_but_not_schedule_or_paths(tmp_
     changed = {**CONFIG, "learning_rate": 1e-3, "data": {"source": "d", "resolution": 32}}
     with pytest.raises(UserError, match=r"data.resolution: 64 -> 32; learning_rate: 0.0001 -> 0.001"):
         ckpt.check_resume(ck, ckpt.CONFIG_FILE, changed, "aaa", False)
+
+
+def test_deterministic_runs_turn_on_deterministic_kernels_and_may_be_resumed_without(tiny_model, laion_data,
+                                                                                      tmp_path, monkeypatch):
+    from ldm_pipeline.training import train
+    from tests.training.conftest import make_config
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        train(make_config(tiny_model, laion_data, tmp_path / "d", max_steps=1, deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert __import__("os").environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # what cuBLAS needs for it
+    finally:
+        torch.use_deterministic_algorithms(False)
+    # switching it is not a change of what is trained: the resume check lets it through
+    assert ckpt.config_changes({"deterministic": True, "seed": 0}, {"deterministic": False, "seed": 0}) == []
