@@ -29,7 +29,14 @@ def missing(feature_modules: tuple[str, ...]) -> list[str]:
     return [m for m in feature_modules if importlib.util.find_spec(m) is None]
 
 
-def require_all(modules: tuple[str, ...], feature: str) -> None:
-    """Check up front, before any work or output, that every module `feature` needs is importable."""
-    if gone := missing(modules):
-        raise UserError(f"{feature} needs the '{gone[0]}' package, which is not installed: run {install_hint(gone[0])}")
+def check_packages(need: dict[str, str], what: str) -> None:
+    """Raise one UserError naming every module of `need` (module → what needs it) that is not installed, and the
+    pip install(s) to run; called before any work or output."""
+    absent = missing(tuple(need))
+    if not absent:
+        return
+    listed = ", ".join(f"{m} (for {need[m]})" for m in absent)
+    hints = " and ".join(dict.fromkeys(install_hint(m) for m in absent))
+    one = len(absent) == 1
+    raise UserError(f"{what} needs {'a package' if one else 'packages'} that {'is' if one else 'are'} not installed: "
+                    f"{listed}; run {hints}")

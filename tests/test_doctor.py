@@ -42,6 +42,6 @@ def test_a_missing_extra_is_one_line_naming_the_pip_install(tmp_path, capsys, mo
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
     assert ldm_main(["make-shapes", "--output", str(tmp_path / "d"), "--num-samples", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("ldm make-shapes: error: ldm make-shapes needs the 'pyarrow' package, which is not installed: run "
-                   "pip install 'ldm_pipeline[train]'")
+    assert err == ("ldm make-shapes: error: ldm make-shapes needs a package that is not installed: pyarrow (for the "
+                   "parquet written beside each shard); run pip install 'ldm_pipeline[train]'")
     assert not (tmp_path / "d").exists()

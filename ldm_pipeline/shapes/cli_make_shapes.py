@@ -29,9 +29,9 @@ def build_parser(prog: str = "ldm make-shapes") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ldm_pipeline.errors import UserError
-    from ldm_pipeline.extras import require_all
+    from ldm_pipeline.extras import check_packages
 
-    require_all(("pyarrow",), "ldm make-shapes")  # writes each shard's parquet beside its tar
+    check_packages({"pyarrow": "the parquet written beside each shard"}, "ldm make-shapes")
     if args.num_samples < 1 or args.samples_per_shard < 1:
         raise UserError("--num-samples and --samples-per-shard must be at least 1")
     out = Path(args.output)

@@ -30,11 +30,13 @@ def build_parser(prog: str = "ldm recipe") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ldm_pipeline.config import from_dict, merge, parse_overrides, to_dict
-    from ldm_pipeline.extras import require_all
+    from ldm_pipeline.extras import check_packages
     from ldm_pipeline.shapes.recipe import TINY_BUDGET, ShapesRecipe, run_recipe
 
     # every stage's needs, checked before the first stage writes anything
-    require_all(("pyarrow", "webdataset", "braceexpand", "fsspec", "tokenizers", "tensorboard"), "ldm recipe")
+    check_packages({"pyarrow": "writing the dataset", "webdataset": "reading it", "braceexpand": "reading it",
+                    "fsspec": "reading it", "tokenizers": "training the tokenizer",
+                    "tensorboard": "the training logs"}, "ldm recipe")
 
     data = {"output_dir": args.output_dir, "seed": args.seed, "package": args.package,
             "progress": not args.no_progress}

@@ -52,7 +52,8 @@ class TrainResult:
 def train(config: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     """Run one training job; raises UserError for bad input and TrainingDiverged after max_bad_steps NaN losses.
     `hooks` are callbacks for tests and debugging (see `step.TrainHooks`)."""
-    from ldm_pipeline.training.packages import check_packages, train_packages
+    from ldm_pipeline.extras import check_packages
+    from ldm_pipeline.training.packages import train_packages
 
     config = resolve(config)
     check_packages(train_packages(config), "training")  # before the output dir or a model is touched

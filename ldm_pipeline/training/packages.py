@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm_pipeline.errors import UserError
-from ldm_pipeline.extras import install_hint, missing
+from ldm_pipeline.extras import missing
 
 
 def data_packages(source: str, format: str = "auto") -> dict[str, str]:
@@ -38,15 +37,3 @@ def train_packages(config) -> dict[str, str]:
         need["tensorboard"] = "report_to tensorboard (or pass --report-to none)"
     need.update(data_packages(config.data.source, config.data.format))
     return need
-
-
-def check_packages(need: dict[str, str], what: str) -> None:
-    """Raise one UserError naming every module of `need` that is not installed and the pip install(s) to run."""
-    absent = missing(tuple(need))
-    if not absent:
-        return
-    listed = ", ".join(f"{m} (for {need[m]})" for m in absent)
-    hints = " and ".join(dict.fromkeys(install_hint(m) for m in absent))
-    one = len(absent) == 1
-    raise UserError(f"{what} needs {'a package' if one else 'packages'} that {'is' if one else 'are'} not installed: "
-                    f"{listed}; run {hints}")

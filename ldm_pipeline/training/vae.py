@@ -279,7 +279,8 @@ def train_vae(config: VAETrainConfig) -> VAETrainResult:
     """Train (or fine-tune) an AutoencoderKL; see the module docstring for the loop and outputs."""
     import torch
 
-    from ldm_pipeline.training.packages import check_packages, data_packages
+    from ldm_pipeline.extras import check_packages
+    from ldm_pipeline.training.packages import data_packages
 
     c = effective_config(config)
     check_config(c)
