@@ -76,6 +76,8 @@ def pipeline_variants(args, model: str, device: str) -> tuple[dict[str, Callable
     plain.set_progress_bar_config(disable=True)
     plain.scheduler = DDIMScheduler.from_config(plain.scheduler.config)
     plan = plan_for(device, args.dtype, unet_params=plain.unet.num_parameters())
+    if args.no_compile:
+        plan = dataclasses.replace(plan, compile=False)
     plans = ablations(plan, device) if args.ablate else {"fast": plan}
     gens = {}
     for name, p in plans.items():
@@ -121,6 +123,8 @@ def unet_variants(args, spec_name: str, device: str) -> tuple[dict[str, Callable
     base = UNet2DConditionModel(**spec.unet).eval()
     plain_dtype = args.plain_dtype or ("fp16" if device.startswith("cuda") else "fp32")
     plan = plan_for(device, args.dtype, unet_params=base.num_parameters())
+    if args.no_compile:
+        plan = dataclasses.replace(plan, compile=False)
     plans = ablations(plan, device) if args.ablate else {"fast": plan}
     factor = 2 ** (len(spec.vae["block_out_channels"]) - 1)
     h, w = (args.height or spec.unet["sample_size"] * factor), (args.width or spec.unet["sample_size"] * factor)
@@ -151,6 +155,40 @@ def unet_variants(args, spec_name: str, device: str) -> tuple[dict[str, Callable
     return runs, settings
 
 
+def measure(runs: dict[str, Callable[[int], list]], repeats: int, device: str, verbose: bool = True):
+    """Each variant's first call (compilation, warm-up; seed 0), timed apart, then `repeats` timed rounds in a
+    rotating order so machine noise hits every variant alike. Returns (first-call outputs, first-call seconds,
+    seconds per round, the order of each round)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    names = list(runs)
+
+    def timed(name: str, seed: int):
+        sync()
+        t = time.perf_counter()
+        out = runs[name](seed)
+        sync()
+        return out, time.perf_counter() - t
+
+    outputs: dict[str, list] = {}
+    first_call: dict[str, float] = {}
+    for name in names:
+        outputs[name], first_call[name] = timed(name, 0)
+        if verbose:
+            print(f"first call, {name}: {first_call[name]:.2f}s", flush=True)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    orders = []
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        orders.append(order)
+        for name in order:
+            times[name].append(timed(name, r + 1)[1])
+        if verbose:
+            print(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.4f}s" for n in names), flush=True)
+    return outputs, first_call, times, orders
+
+
 def closeness(outputs: dict[str, list], reference: str, unet_only: bool) -> dict[str, float]:
     """PSNR of each variant's images against plain diffusers' (UNet-only: relative RMS error of the output)."""
     ref = outputs[reference]
@@ -170,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="shapes", help="what `ldm txt2img --model` takes, or config:NAME for random "
                                                      "weights from configs/models/NAME.yaml (default: shapes)")
     p.add_argument("--unet-only", action="store_true", help="time one UNet call (a CFG step) instead of whole images")
-    p.add_argument("--ablate", action="store_true", help="also run the fast plan with each speed-up off in turn")
+    p.add_argument("--ablate", action="store_true", help="also run the fast plan with each speed-up flipped alone")
+    p.add_argument("--no-compile", action="store_true", help="the fast plan without torch.compile (a quick look: "
+                                                             "compiling takes from seconds to minutes)")
     p.add_argument("--height", type=int, help="default: the model's")
     p.add_argument("--width", type=int, help="default: the model's")
     p.add_argument("--steps", type=int, default=20)
@@ -190,7 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = resolve_device(args.device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         if args.unet_only:
             runs, settings = unet_variants(args, args.model.removeprefix(CONFIG_PREFIX), device)
@@ -200,28 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 model = resolve_model(args.model)
             runs, settings = pipeline_variants(args, model, device)
-        names = list(runs)
-        first_call: dict[str, float] = {}
-        outputs: dict[str, list] = {}
-        for name in names:  # the first call of each: compilation and warm-up, timed apart; its output is compared
-            sync()
-            t = time.perf_counter()
-            outputs[name] = runs[name](0)
-            sync()
-            first_call[name] = time.perf_counter() - t
-            print(f"first call, {name}: {first_call[name]:.2f}s", flush=True)
-        times: dict[str, list[float]] = {n: [] for n in names}
-        orders = []
-        for r in range(args.repeats):
-            order = names[r % len(names):] + names[:r % len(names)]
-            orders.append(order)
-            for name in order:
-                sync()
-                t = time.perf_counter()
-                runs[name](r + 1)
-                sync()
-                times[name].append(time.perf_counter() - t)
-            print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {times[n][-1]:.4f}s" for n in names), flush=True)
+        outputs, first_call, times, orders = measure(runs, args.repeats, device)
+    names = list(runs)
     plain = names[0]
     med = {n: statistics.median(times[n]) for n in names}
     close = closeness(outputs, plain, args.unet_only)

@@ -170,36 +170,12 @@ def fast_check(acc: Acceptance, model: Path, device: str, size: int, cuda: bool,
     found: dict = {}
 
     def check() -> tuple[bool, str]:
+        # the CPU dry run stays under a minute: no compilation (bench_fast.py measures it on CPU)
         args = argparse.Namespace(batch_size=1, steps=20, guidance_scale=7.5, height=size, width=size,
-                                  dtype=None, plain_dtype=None, ablate=False)
-        if not cuda:  # the dry run stays under a minute: no compilation (bench_fast.py measures it on CPU)
-            from ldm_pipeline import fast
-
-            real = fast.plan_for
-            fast.plan_for = lambda *a, **kw: __import__("dataclasses").replace(real(*a, **kw), compile=False)
-            try:
-                runs, _ = bench_fast.pipeline_variants(args, str(model), device)
-            finally:
-                fast.plan_for = real
-        else:
-            runs, _ = bench_fast.pipeline_variants(args, str(model), device)
+                                  dtype=None, plain_dtype=None, ablate=False, no_compile=not cuda)
+        runs, _ = bench_fast.pipeline_variants(args, str(model), device)
         plain, ours = list(runs)
-        sync = __import__("torch").cuda.synchronize if cuda else (lambda: None)
-        first = {}
-        images = {}
-        for name in (plain, ours):
-            t = time.perf_counter()
-            images[name] = runs[name](0)
-            sync()
-            first[name] = time.perf_counter() - t
-        times: dict[str, list[float]] = {plain: [], ours: []}
-        for r in range(repeats):
-            for name in ((plain, ours) if r % 2 == 0 else (ours, plain)):
-                sync()
-                t = time.perf_counter()
-                runs[name](r + 1)
-                sync()
-                times[name].append(time.perf_counter() - t)
+        images, first, times, _ = bench_fast.measure(runs, repeats, device, verbose=False)
         ratio = statistics.median(times[plain]) / statistics.median(times[ours])
         p = bench_fast.psnr(images[ours][0], images[plain][0])
         found.update(ratio=ratio, psnr_db=None if math.isinf(p) else p, first_call_s=first,

@@ -97,7 +97,7 @@ class ImageGenerator:
     """A loaded model ready to make images: ``ImageGenerator.load(model).txt2img(prompt)`` (named apart from
     ``torch.Generator``, which seeds each image)."""
 
-    def __init__(self, pipe, info: ModelInfo, options: RuntimeOptions, device: str):
+    def __init__(self, pipe, info: ModelInfo, options: RuntimeOptions, device: str, fast_plan: FastPlan | None = None):
         import diffusers
 
         self.pipe = pipe
@@ -109,7 +109,7 @@ class ImageGenerator:
         self._schedulers: dict[str, Any] = {}
         self._exec_device_cache = None
         self._lora_records: list[dict[str, Any]] | None = None
-        self.fast_plan: FastPlan | None = None  # what --fast turned on (set by load)
+        self.fast_plan = fast_plan  # what --fast turned on
         diffusers.utils.logging.disable_progress_bar()  # our own bar counts images; diffusers' would count steps
         pipe.set_progress_bar_config(disable=True)
 
@@ -165,9 +165,7 @@ class ImageGenerator:
             if options.cpu_offload and plan.compile:
                 plan = dataclasses.replace(plan, compile=False)  # offload hooks move weights: nothing to freeze
             apply_plan(pipe, plan, device)
-        gen = cls(pipe, info, options, device)
-        gen.fast_plan = plan
-        return gen
+        return cls(pipe, info, options, device, fast_plan=plan)
 
     # --- settings ---------------------------------------------------------------------------------------------
 
