@@ -1,25 +1,23 @@
 """Load a model from whatever the user has: a diffusers folder, a single-file checkpoint, a hub id, or a YAML
 architecture (``configs/models/*.yaml``, random weights); and write new random-initialised model folders.
 
-Everything comes back as a diffusers ``StableDiffusionPipeline`` plus a `ModelInfo` (name, content hash, the
+Everything comes back as a diffusers ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL) plus a `ModelInfo` (name, content hash, the
 model's own generation defaults) so generation, training and export share one loader.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ldm_pipeline.config import from_dict, load_yaml, resolve_config_path
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.files import CACHE_DIR, atomic_dir, atomic_write_text, make_temp_dir
-from ldm_pipeline.hashes import file_sha256, folder_hash, hub_snapshot_hash
+from ldm_pipeline.files import atomic_dir, atomic_write_text
+from ldm_pipeline.hashes import folder_hash, hub_snapshot_hash
 from ldm_pipeline.tokenizer import load_tokenizer
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -53,6 +51,9 @@ class ModelSpec:
     scheduler: dict[str, Any]
     tokenizer: str = "clip-vit-large-patch14"
     description: str = ""
+    # SDXL: the second text encoder (CLIPTextModelWithProjection: hidden states and the pooled embedding)
+    text_encoder_2: dict[str, Any] | None = None
+    tokenizer_2: str | None = None
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
 
@@ -79,7 +80,7 @@ def build_components(spec: ModelSpec, seed: int = 0) -> dict[str, Any]:
     """Random-initialised components for `spec`, seeded per component like diffusers' tests."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from ldm_pipeline.schedulers import scheduler_from_config
 
@@ -91,15 +92,55 @@ def build_components(spec: ModelSpec, seed: int = 0) -> dict[str, Any]:
     text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text_encoder))
     tokenizer = load_tokenizer(spec.tokenizer)
     scheduler = scheduler_from_config(spec.scheduler)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    if spec.text_encoder_2 is not None:
+        torch.manual_seed(seed + 3)
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**spec.text_encoder_2))
+        parts["tokenizer_2"] = load_tokenizer(spec.tokenizer_2 or "clip-vit-large-patch14-pad0")
+    return parts
+
+
+XL_PARTS = ("text_encoder_2", "tokenizer_2")  # what an SDXL pipeline has beyond SD's parts
+
+
+def is_xl(pipe_or_components) -> bool:
+    """Whether a pipeline (or its components) is SDXL-architecture: two text encoders, pooled and size conditioning."""
+    parts = pipe_or_components if isinstance(pipe_or_components, dict) else pipe_or_components.components
+    return parts.get("text_encoder_2") is not None
 
 
 def pipeline_from_components(components: dict[str, Any]):
-    """A StableDiffusionPipeline without the safety checker (we ship none, and it needs hub weights)."""
-    from diffusers import StableDiffusionPipeline
+    """A StableDiffusionPipeline without the safety checker (we ship none, and it needs hub weights), or a
+    StableDiffusionXLPipeline (without the invisible watermark, which changes pixels) when there are two text
+    encoders."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    parts = {k: components[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    if is_xl(components):
+        parts = {k: components[k] for k in names + XL_PARTS}
+        return StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    parts = {k: components[k] for k in names}
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def pipeline_class(folder: Path):
+    """StableDiffusionXLPipeline for a folder whose model_index.json names it (or a second text encoder), else
+    StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return StableDiffusionPipeline
+    return StableDiffusionXLPipeline if "XL" in str(index.get("_class_name")) or "text_encoder_2" in index \
+        else StableDiffusionPipeline
+
+
+def load_kwargs(cls, kwargs: dict) -> dict:
+    """`from_pretrained` keyword arguments for pipeline class `cls`: SD's safety-checker switches, or SDXL's."""
+    if cls.__name__.startswith("StableDiffusionXL"):
+        return {**{k: v for k, v in kwargs.items() if "safety_checker" not in k}, "add_watermarker": False}
+    return kwargs
 
 
 def init_model(spec: ModelSpec | str | Path, output: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
@@ -137,25 +178,10 @@ def save_pipeline(pipe, output: str | Path, defaults: GenerationDefaults | None 
     return output
 
 
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _rename_into_place(tmp: Path, final: Path) -> None:
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if final.exists():  # another process won the race with identical content
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            raise
-
-
 # --- loading -----------------------------------------------------------------------------------------------
 
 
-def _read_defaults(folder: Path, pipe) -> GenerationDefaults:
+def read_defaults(folder: Path, pipe) -> GenerationDefaults:
     f = folder / DEFAULTS_FILE
     if f.is_file():
         try:
@@ -166,108 +192,11 @@ def _read_defaults(folder: Path, pipe) -> GenerationDefaults:
 
 
 def _infer_defaults(pipe) -> GenerationDefaults:
-    """SD-like defaults sized to the model's native resolution."""
+    """SD-like defaults sized to the model's native resolution (SDXL: the Euler sampler and CFG 5 it ships with)."""
     size = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    if is_xl(pipe):
+        return GenerationDefaults(height=size, width=size, num_inference_steps=30, guidance_scale=5.0, scheduler="euler")
     return GenerationDefaults(height=size, width=size)
-
-
-def detect_single_file_arch(path: Path, allow_pickle: bool) -> str:
-    """'sd15' or 'sd21' from the checkpoint's cross-attention width (768: SD 1.x, 1024: SD 2.x)."""
-    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = set(f.keys())
-                if key not in keys:
-                    raise UserError(
-                        f"{path} is not a Stable Diffusion 1.x/2.x checkpoint in the original (CompVis) key layout"
-                    )
-                width = f.get_slice(key).get_shape()[1]
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    else:
-        import torch
-
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise UserError(f"cannot read {path} (weights_only=True): {str(e).splitlines()[0][:200]}") from None
-        while isinstance(sd, dict) and "state_dict" in sd:
-            sd = sd["state_dict"]
-        if key not in sd:
-            raise UserError(f"{path} is not a Stable Diffusion 1.x/2.x checkpoint in the original (CompVis) key layout")
-        width = sd[key].shape[1]
-    return {768: "sd15", 1024: "sd21"}.get(int(width)) or _unknown_width(path, width)
-
-
-def _unknown_width(path: Path, width: int) -> str:
-    raise UserError(f"{path}: cross-attention width {width} is neither SD 1.x (768) nor SD 2.x (1024)")
-
-
-def offline_config_folder(arch: str) -> Path:
-    """A weightless diffusers folder (configs + tokenizer) for `arch`, so single-file loading needs no hub."""
-    out = CACHE_DIR / "single_file_configs" / arch
-    if (out / "model_index.json").is_file():
-        return out
-    spec = load_model_spec(arch)
-    unet = {"_class_name": "UNet2DConditionModel", **spec.unet}
-    vae = {"_class_name": "AutoencoderKL", **spec.vae}
-    return _write_config_folder(out, unet, vae, spec.text_encoder, spec.tokenizer, spec.scheduler, spec.defaults)
-
-
-def _config_folder_from_metadata(path: Path) -> Path | None:
-    """For a file written by ``ldm export``: its architecture, from the configs it records in its metadata."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # not our concern here: the loader reports unreadable files
-        return None
-    if "ldm_pipeline.config" not in meta:
-        return None
-    configs = json.loads(meta["ldm_pipeline.config"])
-    digest = hashlib.sha256(meta["ldm_pipeline.config"].encode()).hexdigest()[:16]
-    out = CACHE_DIR / "single_file_configs" / f"meta-{digest}"
-    if (out / "model_index.json").is_file():
-        return out
-    te = configs["text_encoder"]
-    tokenizer = "clip-vit-large-patch14-pad0" if te.get("pad_token_id") == 0 else "clip-vit-large-patch14"
-    defaults = from_dict(GenerationDefaults, json.loads(meta.get("ldm_pipeline.defaults", "{}")))
-    return _write_config_folder(out, configs["unet"], configs["vae"], te, tokenizer, configs["scheduler"], defaults)
-
-
-def _write_config_folder(out: Path, unet: dict, vae: dict, text_encoder: dict, tokenizer: str, scheduler: dict,
-                         defaults: GenerationDefaults) -> Path:
-    tmp = make_temp_dir(out.parent, prefix=f".{out.name}-")
-    for name, cfg in (("unet", unet), ("vae", vae)):
-        _ensure(tmp / name)
-        (tmp / name / "config.json").write_text(json.dumps(cfg, indent=2))
-    _ensure(tmp / "text_encoder")
-    te = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **text_encoder}
-    (tmp / "text_encoder" / "config.json").write_text(json.dumps(te, indent=2))
-    load_tokenizer(tokenizer).save_pretrained(tmp / "tokenizer")
-    _ensure(tmp / "scheduler")
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", scheduler["_class_name"]],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    write_defaults(tmp, defaults)
-    _rename_into_place(tmp, out)
-    return out
 
 
 SHIPPED_MODELS: dict[str, Path] = {"shapes": ASSETS / "models" / "shapes"}  # trained by `ldm recipe shapes --package`
@@ -330,13 +259,13 @@ def load_pipeline(
     seed: int = 0,
     model_config: str | None = None,
 ):
-    """Load `model` as a StableDiffusionPipeline; returns (pipeline, ModelInfo).
+    """Load `model` as a StableDiffusionPipeline or StableDiffusionXLPipeline; returns (pipeline, ModelInfo).
 
     `model` may be a diffusers folder, a training checkpoint folder (its ``pipeline/`` subfolder), a single-file
-    SD 1.x/2.x checkpoint, an architecture (``config:NAME`` or a YAML: random weights from `seed`), a shipped
+    SD 1.x/2.x/XL checkpoint, an architecture (``config:NAME`` or a YAML: random weights from `seed`), a shipped
     model's name, or a hub id. A single file's architecture comes from `model_config` (a diffusers folder or a
-    configs/models name) if given, else from the metadata ``ldm export`` writes, else from its cross-attention
-    width (SD 1.x or 2.x).
+    configs/models name) if given, else from the metadata ``ldm export`` writes, else from its keys
+    (`ldm_pipeline.single_file`). SDXL-architecture models come back as a StableDiffusionXLPipeline (`is_xl`).
     """
     model = resolve_model(model)
     import diffusers
@@ -359,15 +288,15 @@ def load_pipeline(
         raise UserError(f"'{model}' is an architecture (configs/models/{model}.yaml) with no trained weights: pass "
                         f"--model {CONFIG_PREFIX}{model} to build it with random weights, or a model folder or file")
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES or path.is_file():
-        return _load_single_file(path, allow_pickle, model_config, kwargs)
+        from ldm_pipeline.single_file import load_single_file
+
+        return load_single_file(path, allow_pickle, model_config, kwargs)
     if _looks_like_hub_id(model):
         return _load_hub(model, allow_pickle, kwargs)
     raise UserError(f"model not found: {model} (expected a diffusers folder, a .safetensors file or a hub id)")
 
 
 def _load_folder(path: Path, allow_pickle: bool, kwargs: dict):
-    from diffusers import StableDiffusionPipeline
-
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path} is not a diffusers model folder (no model_index.json)")
     if not allow_pickle and (pickled := pickle_only_weights(path)):
@@ -378,11 +307,12 @@ def _load_folder(path: Path, allow_pickle: bool, kwargs: dict):
     # safetensors only, unless the user allows pickle: diffusers would otherwise fall back to .bin weights
     use_safetensors = None if allow_pickle else True
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=use_safetensors,
-                                                       **kwargs)
+        cls = pipeline_class(path)
+        pipe = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=use_safetensors,
+                                   **load_kwargs(cls, kwargs))
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load model folder {path}: {_first_line(e)}") from None
-    return pipe, ModelInfo(display_name(path), "folder", folder_hash(path)[:10], _read_defaults(path, pipe),
+        raise UserError(f"cannot load model folder {path}: {first_line(e)}") from None
+    return pipe, ModelInfo(display_name(path), "folder", folder_hash(path)[:10], read_defaults(path, pipe),
                            str(path.resolve()))
 
 
@@ -399,40 +329,15 @@ def _load_architecture(model: str, seed: int, torch_dtype):
     return pipe, ModelInfo(model, "config", f"seed{seed}", spec.defaults, where)
 
 
-def _load_single_file(path: Path, allow_pickle: bool, model_config: str | None, kwargs: dict):
-    from diffusers import StableDiffusionPipeline
-
-    if not path.is_file():
-        raise UserError(f"model file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise UserError(
-            f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded: convert it to "
-            ".safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
-        )
-    if suffix not in SINGLE_FILE_SUFFIXES:
-        raise UserError(f"unsupported model file {path.name}: expected .safetensors (or .ckpt with --allow-pickle)")
-    if model_config is not None:  # the user names the architecture
-        config = Path(model_config) if Path(model_config).is_dir() else offline_config_folder(model_config)
-    elif suffix == ".safetensors" and (config := _config_folder_from_metadata(path)) is not None:
-        pass  # written by `ldm export`: it records its own architecture
-    else:
-        config = offline_config_folder(detect_single_file_arch(path, allow_pickle))
-    try:  # the file itself was checked above; the config folder has no weights
-        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"cannot load {path.name} as an SD checkpoint: {_first_line(e)}") from None
-    defaults = _read_defaults(config, pipe)
-    return pipe, ModelInfo(path.name, "single_file", file_sha256(path)[:10], defaults, str(path.resolve()))
-
-
 def _load_hub(model: str, allow_pickle: bool, kwargs: dict):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=offline,
-                                                       use_safetensors=None if allow_pickle else True, **kwargs)
+        index = DiffusionPipeline.load_config(model, local_files_only=offline)
+        cls = StableDiffusionXLPipeline if "XL" in str(index.get("_class_name")) else StableDiffusionPipeline
+        pipe = cls.from_pretrained(model, local_files_only=offline, use_safetensors=None if allow_pickle else True,
+                                   **load_kwargs(cls, kwargs))
     except Exception as e:  # hub errors come in many types (network, 404, gated, offline)
         if offline or "offline" in str(e).lower() or "connect" in str(e).lower():
             raise UserError(
@@ -444,7 +349,7 @@ def _load_hub(model: str, allow_pickle: bool, kwargs: dict):
                 f"model '{model}' has no .safetensors weights on the hub, only pickle ones, which can run "
                 "arbitrary code when loaded: pass --allow-pickle to load them"
             ) from None
-        raise UserError(f"cannot load model '{model}' from the hub: {_first_line(e)}") from None
+        raise UserError(f"cannot load model '{model}' from the hub: {first_line(e)}") from None
     return pipe, ModelInfo(model, "hub", hub_snapshot_hash(model), _infer_defaults(pipe), None)
 
 
@@ -475,6 +380,6 @@ def _looks_like_hub_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~")) and " " not in model
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__

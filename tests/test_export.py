@@ -14,7 +14,8 @@ from safetensors import safe_open
 from ldm_pipeline.cli.export import main as export_main
 from ldm_pipeline.convert import check_round_trip, export_single_file, pipeline_to_ldm, unet_to_ldm
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.models import detect_single_file_arch, init_model, load_model_spec
+from ldm_pipeline.models import init_model, load_model_spec
+from ldm_pipeline.single_file import detect_single_file_arch
 
 PARTS = ("unet", "vae", "text_encoder")
 

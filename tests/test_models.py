@@ -177,7 +177,7 @@ def test_non_sd_safetensors_is_refused(tmp_path):
 
     f = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, str(f))
-    with pytest.raises(UserError, match="not a Stable Diffusion 1.x/2.x checkpoint"):
+    with pytest.raises(UserError, match="not a Stable Diffusion 1.x/2.x/XL checkpoint"):
         load_pipeline(str(f))
 
 
