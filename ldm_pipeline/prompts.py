@@ -195,6 +195,22 @@ def encode_chunks(text_encoder, chunk_ids: list[list[int]], clip_skip: int = 1, 
     return torch.cat(embeds, dim=1).to(dtype=text_encoder.dtype)
 
 
+def encode_xl_tokens(text_encoders, input_ids, clip_skip: int = 1):
+    """SDXL conditioning from token ids of each of its two tokenizers ([B, 77] each): both encoders' hidden states
+    at the penultimate layer (``clip_skip`` N reads N-1 layers earlier: diffusers' ``clip_skip=N-1``, no final layer
+    norm), concatenated along the features, and the second encoder's projected pooled embedding → ([B, 77, D1+D2],
+    [B, P]). As diffusers' ``StableDiffusionXLPipeline.encode_prompt`` computes them, so shared by generation and
+    training."""
+    import torch
+
+    hidden, pooled = [], None
+    for te, ids in zip(text_encoders, input_ids):
+        out = te(ids.to(te.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-(clip_skip + 1)])
+        pooled = out[0]  # CLIPTextModelWithProjection's text_embeds (the last encoder's)
+    return torch.cat(hidden, dim=-1), pooled
+
+
 def apply_weights(embeds, weights: list[list[float]]):
     """Scale each token's embedding by its weight, then rescale each chunk so its mean is the chunk's original
     mean (A1111's "Original" emphasis, which runs per 77-token chunk); chunks without weights are untouched."""
