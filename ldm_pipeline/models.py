@@ -1,60 +1,32 @@
 """Load a model from whatever the user has: a diffusers folder, a single-file checkpoint, a hub id, or a YAML
 architecture (``configs/models/*.yaml``, random weights); and write new random-initialised model folders.
 
-Everything comes back as a diffusers ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL) plus a `ModelInfo` (name, content hash, the
-model's own generation defaults) so generation, training and export share one loader.
+Everything comes back as a diffusers ``StableDiffusionPipeline`` (``StableDiffusionXLPipeline`` for SDXL) plus a
+`ModelInfo` (name, content hash, the model's own generation defaults) so generation, training and export share one
+loader. What a single file's architecture is comes from `ldm_pipeline.single_file`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ldm_pipeline.config import from_dict, load_yaml, resolve_config_path
+from ldm_pipeline.config import from_dict
 from ldm_pipeline.errors import UserError
-from ldm_pipeline.files import atomic_dir, atomic_write_text
+from ldm_pipeline.files import atomic_dir
 from ldm_pipeline.hashes import folder_hash, hub_snapshot_hash
+from ldm_pipeline.model_spec import DEFAULTS_FILE, GenerationDefaults, ModelSpec, load_model_spec, write_defaults
 from ldm_pipeline.tokenizer import load_tokenizer
+
+# re-exported: what a model is (model_spec) and how it loads (here) are imported together by callers
+__all__ = ["DEFAULTS_FILE", "GenerationDefaults", "ModelSpec", "load_model_spec", "write_defaults"]
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 SINGLE_FILE_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
-DEFAULTS_FILE = "ldm_defaults.json"  # our generation defaults, stored beside model_index.json
 ASSETS = Path(__file__).resolve().parent / "assets"
-
-
-@dataclass
-class GenerationDefaults:
-    """A model's own sampling defaults: what a bare ``ldm txt2img "..."`` uses."""
-
-    height: int = 512
-    width: int = 512
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    guidance_cutoff: float = 0.0  # classifier-free guidance only at timesteps >= this fraction of the schedule
-    scheduler: str = "ddim"
-    # prompts that show what this model can draw: training's validation prompts default to them
-    example_prompts: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ModelSpec:
-    """An architecture from ``configs/models/*.yaml``: constructor arguments of each diffusers/transformers part."""
-
-    name: str
-    unet: dict[str, Any]
-    vae: dict[str, Any]
-    text_encoder: dict[str, Any]
-    scheduler: dict[str, Any]
-    tokenizer: str = "clip-vit-large-patch14"
-    description: str = ""
-    # SDXL: the second text encoder (CLIPTextModelWithProjection: hidden states and the pooled embedding)
-    text_encoder_2: dict[str, Any] | None = None
-    tokenizer_2: str | None = None
-    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
 
 @dataclass
@@ -66,11 +38,6 @@ class ModelInfo:
     hash: str | None  # A1111-style short content hash (sha256 of the weights, first 10 hex digits); None: unknown
     defaults: GenerationDefaults
     path: str | None = None
-
-
-def load_model_spec(spec: str | Path) -> ModelSpec:
-    """Read an architecture YAML (a path or a name under configs/models/)."""
-    return from_dict(ModelSpec, load_yaml(resolve_config_path(spec, "models")))
 
 
 # --- building from an architecture --------------------------------------------------------------------------
@@ -153,16 +120,6 @@ def init_model(spec: ModelSpec | str | Path, output: str | Path, seed: int = 0, 
     pipe = pipeline_from_components(build_components(spec, seed))
     save_pipeline(pipe, output, defaults=spec.defaults, overwrite=overwrite)
     return output
-
-
-def write_defaults(folder: Path, defaults: GenerationDefaults) -> bool:
-    """Store a model folder's sampling defaults (atomically); False if unchanged."""
-    path = Path(folder) / DEFAULTS_FILE
-    text = json.dumps(dataclasses.asdict(defaults), indent=2) + "\n"
-    if path.is_file() and path.read_text() == text:
-        return False
-    atomic_write_text(path, text)
-    return True
 
 
 def save_pipeline(pipe, output: str | Path, defaults: GenerationDefaults | None = None, overwrite: bool = False) -> Path:
@@ -288,9 +245,7 @@ def load_pipeline(
         raise UserError(f"'{model}' is an architecture (configs/models/{model}.yaml) with no trained weights: pass "
                         f"--model {CONFIG_PREFIX}{model} to build it with random weights, or a model folder or file")
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES or path.is_file():
-        from ldm_pipeline.single_file import load_single_file
-
-        return load_single_file(path, allow_pickle, model_config, kwargs)
+        return _load_single_file(path, allow_pickle, model_config, kwargs)
     if _looks_like_hub_id(model):
         return _load_hub(model, allow_pickle, kwargs)
     raise UserError(f"model not found: {model} (expected a diffusers folder, a .safetensors file or a hub id)")
@@ -314,6 +269,31 @@ def _load_folder(path: Path, allow_pickle: bool, kwargs: dict):
         raise UserError(f"cannot load model folder {path}: {first_line(e)}") from None
     return pipe, ModelInfo(display_name(path), "folder", folder_hash(path)[:10], read_defaults(path, pipe),
                            str(path.resolve()))
+
+
+def _load_single_file(path: Path, allow_pickle: bool, model_config: str | None, kwargs: dict):
+    """A single-file checkpoint as a pipeline (SD or SDXL, by its keys or `model_config`) and its ModelInfo."""
+    from ldm_pipeline.hashes import file_sha256
+    from ldm_pipeline.single_file import config_folder_for
+
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise UserError(
+            f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded: convert it to "
+            ".safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
+        )
+    if suffix not in SINGLE_FILE_SUFFIXES:
+        raise UserError(f"unsupported model file {path.name}: expected .safetensors (or .ckpt with --allow-pickle)")
+    config = config_folder_for(path, allow_pickle, model_config)
+    cls = pipeline_class(config)
+    try:  # the file itself was checked above; the config folder has no weights
+        pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, **load_kwargs(cls, kwargs))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot load {path.name} as an SD checkpoint: {first_line(e)}") from None
+    defaults = read_defaults(config, pipe)
+    return pipe, ModelInfo(path.name, "single_file", file_sha256(path)[:10], defaults, str(path.resolve()))
 
 
 def _load_architecture(model: str, seed: int, torch_dtype):

@@ -18,6 +18,7 @@ from typing import Any
 
 from ldm_pipeline.errors import UserError
 from ldm_pipeline.files import CACHE_DIR, make_temp_dir
+from ldm_pipeline.model_spec import GenerationDefaults, load_model_spec, write_defaults
 from ldm_pipeline.tokenizer import load_tokenizer
 
 # keys that tell the architectures apart (diffusers' CHECKPOINT_KEY_NAMES has the same ones)
@@ -66,10 +67,18 @@ def detect_single_file_arch(path: Path, allow_pickle: bool = False) -> str:
     return arch
 
 
+def config_folder_for(path: Path, allow_pickle: bool, model_config: str | None) -> Path:
+    """The weightless config folder giving `path`'s architecture: `model_config` (a diffusers folder or a
+    configs/models name) if given, else what ``ldm export`` recorded in the file, else detected from its keys."""
+    if model_config is not None:
+        return Path(model_config) if Path(model_config).is_dir() else offline_config_folder(model_config)
+    if path.suffix.lower() == ".safetensors" and (config := config_folder_from_metadata(path)) is not None:
+        return config
+    return offline_config_folder(detect_single_file_arch(path, allow_pickle))
+
+
 def offline_config_folder(arch: str) -> Path:
     """A weightless diffusers folder (configs + tokenizers) for `arch`, so single-file loading needs no hub."""
-    from ldm_pipeline.models import load_model_spec
-
     out = CACHE_DIR / "single_file_configs" / arch
     if (out / "model_index.json").is_file():
         return out
@@ -87,7 +96,6 @@ def config_folder_from_metadata(path: Path) -> Path | None:
     from safetensors import safe_open
 
     from ldm_pipeline.config import from_dict
-    from ldm_pipeline.models import GenerationDefaults
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -112,8 +120,6 @@ def config_folder_from_metadata(path: Path) -> Path | None:
 def write_config_folder(out: Path, configs: dict[str, dict], tokenizers: dict[str, str], defaults) -> Path:
     """A diffusers folder without weights: each component's config (unet, vae, text_encoder[, text_encoder_2],
     scheduler), the tokenizers, model_index.json and our generation defaults."""
-    from ldm_pipeline.models import write_defaults
-
     xl = "text_encoder_2" in configs
     tmp = make_temp_dir(out.parent, prefix=f".{out.name}-")
     for name, cls in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL")):
@@ -154,41 +160,3 @@ def _rename_into_place(tmp: Path, final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             raise
-
-
-def load_single_file(path: Path, allow_pickle: bool, model_config: str | None, kwargs: dict):
-    """A single-file checkpoint as a pipeline (SD or SDXL, by its keys or `model_config`) and its ModelInfo."""
-    from ldm_pipeline.hashes import file_sha256
-    from ldm_pipeline.models import (
-        PICKLE_SUFFIXES,
-        SINGLE_FILE_SUFFIXES,
-        ModelInfo,
-        first_line,
-        load_kwargs,
-        pipeline_class,
-        read_defaults,
-    )
-
-    if not path.is_file():
-        raise UserError(f"model file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise UserError(
-            f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded: convert it to "
-            ".safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
-        )
-    if suffix not in SINGLE_FILE_SUFFIXES:
-        raise UserError(f"unsupported model file {path.name}: expected .safetensors (or .ckpt with --allow-pickle)")
-    if model_config is not None:  # the user names the architecture
-        config = Path(model_config) if Path(model_config).is_dir() else offline_config_folder(model_config)
-    elif suffix == ".safetensors" and (config := config_folder_from_metadata(path)) is not None:
-        pass  # written by `ldm export`: it records its own architecture
-    else:
-        config = offline_config_folder(detect_single_file_arch(path, allow_pickle))
-    cls = pipeline_class(config)
-    try:  # the file itself was checked above; the config folder has no weights
-        pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, **load_kwargs(cls, kwargs))
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"cannot load {path.name} as an SD checkpoint: {first_line(e)}") from None
-    defaults = read_defaults(config, pipe)
-    return pipe, ModelInfo(path.name, "single_file", file_sha256(path)[:10], defaults, str(path.resolve()))
