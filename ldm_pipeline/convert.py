@@ -1,16 +1,24 @@
-"""Write a diffusers Stable Diffusion model as one ``.safetensors`` file in the original CompVis/LDM key layout
-(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``): the layout of the original
-checkpoints, which A1111, ComfyUI and diffusers' ``from_single_file`` read.
+"""Write a diffusers Stable Diffusion model as one ``.safetensors`` file in the original key layout: CompVis/LDM
+for SD 1.x/2.x (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``), SGM for SDXL (the
+same UNet/VAE names, text encoders under ``conditioner.embedders.{0,1}.*``): the layout of the original checkpoints,
+which A1111, ComfyUI and diffusers' ``from_single_file`` read.
 
 The mapping is the inverse of diffusers' own single-file converters (``convert_ldm_unet_checkpoint``,
 ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint`` in
 ``diffusers/loaders/single_file_utils.py``), written generically for any ``block_out_channels`` /
-``layers_per_block``. Every export is checked by running those forward converters on the result: each diffusers
-parameter must come back under its own name, bit for bit, or nothing is written.
+``layers_per_block`` / ``transformer_layers_per_block``. Every export is checked by running those forward
+converters on the result: each diffusers parameter must come back under its own name, bit for bit, or nothing is
+written.
 
 Text encoders: OpenAI CLIP (SD 1.x) goes to ``cond_stage_model.transformer.text_model.*``; a 1024-wide encoder
 (SD 2.x) goes to OpenCLIP's ``cond_stage_model.model.*`` (q/k/v fused into ``in_proj``). The SD 2.x file has the
 23 layers the diffusers model has; the original's unused 24th layer and ``text_projection`` are not invented.
+SDXL: CLIP-L goes to ``conditioner.embedders.0.transformer.text_model.*``, OpenCLIP bigG (transformers'
+CLIPTextModelWithProjection) to ``conditioner.embedders.1.model.*`` with ``text_projection`` stored transposed
+(open_clip computes ``x @ text_projection``). Released SDXL files (sd_xl_base_1.0) also hold CLIP-L's
+``position_ids`` buffer (arange(77)) and bigG's ``logit_scale`` (CLIP's training temperature), which diffusers
+ignores and A1111/ComfyUI load non-strictly, keeping their own defaults; neither affects generation, so neither is
+invented (a few community "fix SDXL CLIP" scripts flag their absence).
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # + text_model.* (SD 1.x, OpenAI CLIP in transformers' naming)
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x, open_clip naming
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's CLIP-L, + text_model.*
+XL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's OpenCLIP bigG, open_clip naming
+XL_LAYOUT = "sdxl"  # ExportResult.text_encoder_layout of an SDXL file: CLIP-L + OpenCLIP bigG, fixed
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 TEXT_ENCODER_LAYOUTS = ("auto", "clip", "openclip")
 FORMAT = "ldm-single-file"  # our metadata value: CompVis/LDM key layout, one file
@@ -41,6 +52,10 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+}
+_UNET_ADD_EMBEDDING = {  # SDXL's pooled-text + size/crop embedding (addition_embed_type: text_time)
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -97,15 +112,18 @@ def unet_to_ldm(state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> dic
     ``layers_per_block`` (resnet, attention) slots plus one downsampler slot (all but the last block);
     ``output_blocks`` has ``layers_per_block + 1`` slots per up block, the upsampler sharing the last slot after
     the attention (index 2) or the resnet (index 1). proj_in/proj_out keep their shape: 1x1 conv for SD 1.x
-    (``use_linear_projection: false``), linear for SD 2.x, the same as the originals.
+    (``use_linear_projection: false``), linear for SD 2.x/XL, the same as the originals. An attention's
+    ``transformer_blocks.N`` keep their names (SDXL's 2 and 10 per block included); SDXL's ``add_embedding`` is
+    ``label_emb.0``, which diffusers reads only for ``addition_embed_type: text_time``.
     """
     per = _layers_per_block(config, "UNet") + 1
     up_with_attention = {int(m.group(1)) for k in state_dict if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    top = {**_UNET_TOP, **(_UNET_ADD_EMBEDDING if config.get("addition_embed_type") == "text_time" else {})}
     out: dict[str, Any] = {}
     for key, tensor in state_dict.items():
         module, leaf = _split(key)
-        if module in _UNET_TOP:
-            new = f"{_UNET_TOP[module]}.{leaf}"
+        if module in top:
+            new = f"{top[module]}.{leaf}"
         elif m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(\w+)", key):
             b, i, sub, leaf = int(m[1]), int(m[2]), m[3], m[4]
             new = f"input_blocks.{1 + b * per + i}.0.{_UNET_RESNET[sub]}.{leaf}"
@@ -181,16 +199,24 @@ def resolve_text_encoder_layout(hidden_size: int, layout: str = "auto") -> str:
     return "openclip" if int(hidden_size) == 1024 else "clip"
 
 
-def text_encoder_to_ldm(state_dict: Mapping[str, Any], layout: str = "clip") -> dict[str, Any]:
-    """CLIPTextModel state dict → ``cond_stage_model.*`` (inverse of convert_ldm_clip_checkpoint or
-    convert_open_clip_checkpoint). Accepts keys with or without ``text_model.`` (transformers ≥ 5.6 dropped it)."""
+def text_encoder_to_ldm(state_dict: Mapping[str, Any], layout: str = "clip", prefix: str | None = None
+                        ) -> dict[str, Any]:
+    """CLIPTextModel(WithProjection) state dict → ``cond_stage_model.*`` (inverse of convert_ldm_clip_checkpoint or
+    convert_open_clip_checkpoint), or under `prefix` (SDXL's ``conditioner.embedders.N.*``). Accepts keys with or
+    without ``text_model.`` (transformers ≥ 5.6 dropped it from CLIPTextModel, not from the WithProjection one).
+
+    ``text_projection.weight`` (openclip layout only) is stored transposed as open_clip's ``text_projection``
+    ([width, embed_dim]: open_clip computes ``x @ text_projection``); diffusers also reads q/k/v's width from its
+    first dimension.
+    """
     sd = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
     if layout == "clip":
-        return {f"{CLIP_PREFIX}text_model.{k}": v for k, v in sd.items()}
+        return {f"{prefix or CLIP_PREFIX}text_model.{k}": v for k, v in sd.items()}
     if layout != "openclip":
         raise UserError(f"text encoder layout '{layout}': expected clip or openclip")
     import torch
 
+    prefix = prefix or OPENCLIP_PREFIX
     top = {
         "embeddings.token_embedding.weight": "token_embedding.weight",
         "embeddings.position_embedding.weight": "positional_embedding",
@@ -201,64 +227,108 @@ def text_encoder_to_ldm(state_dict: Mapping[str, Any], layout: str = "clip") -> 
     fused: dict[str, dict[str, Any]] = {}
     for key, tensor in sd.items():
         if key in top:
-            out[OPENCLIP_PREFIX + top[key]] = tensor
+            out[prefix + top[key]] = tensor
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.T.contiguous()
         elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
             fused.setdefault(f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", {})[m[2]] = tensor
         elif (m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)) and m[2] in _OPENCLIP_LAYER:
-            out[f"{OPENCLIP_PREFIX}transformer.resblocks.{m[1]}.{_OPENCLIP_LAYER[m[2]]}.{m[3]}"] = tensor
+            out[f"{prefix}transformer.resblocks.{m[1]}.{_OPENCLIP_LAYER[m[2]]}.{m[3]}"] = tensor
         else:
             raise _unsupported("text encoder", key)
     for name, parts in fused.items():
         if set(parts) != {"q", "k", "v"}:
             raise UserError(f"cannot export text encoder: {name} lacks one of q/k/v")
-        out[OPENCLIP_PREFIX + name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # open_clip's order
+        out[prefix + name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # open_clip's order
     return out
+
+
+def has_two_text_encoders(pipe) -> bool:
+    """SDXL: a second text encoder (read by attribute, so a bare namespace of components works too)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 def pipeline_to_ldm(pipe, text_encoder_layout: str = "auto") -> dict[str, Any]:
-    """All of a StableDiffusionPipeline's weights (UNet, VAE, text encoder) in the LDM single-file layout."""
-    te = pipe.text_encoder
-    layout = resolve_text_encoder_layout(te.config.hidden_size, text_encoder_layout)
+    """All of a StableDiffusion(XL)Pipeline's weights (UNet, VAE, text encoder(s)) in the original single-file
+    layout. SDXL's layout is fixed (CLIP-L in transformers' naming, bigG in open_clip's): see `xl_layout`."""
     out = unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config)
     out.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    out.update(text_encoder_to_ldm(te.state_dict(), layout))
+    if has_two_text_encoders(pipe):
+        xl_layout(text_encoder_layout)
+        out.update(text_encoder_to_ldm(pipe.text_encoder.state_dict(), "clip", XL_CLIP_PREFIX))
+        out.update(text_encoder_to_ldm(pipe.text_encoder_2.state_dict(), "openclip", XL_OPENCLIP_PREFIX))
+        return out
+    layout = resolve_text_encoder_layout(pipe.text_encoder.config.hidden_size, text_encoder_layout)
+    out.update(text_encoder_to_ldm(pipe.text_encoder.state_dict(), layout))
     return out
+
+
+def xl_layout(text_encoder_layout: str) -> str:
+    """SDXL's text-encoder layout, which is not a choice: 'auto' (or 'sdxl') is the only accepted value; clip or
+    openclip is refused, since a CLIP-L under open_clip names, or bigG under OpenAI's, is a file no SDXL reader
+    loads."""
+    if text_encoder_layout not in ("auto", XL_LAYOUT):
+        raise UserError(f"--text-encoder-layout {text_encoder_layout} is for SD 1.x/2.x: an SDXL file's text "
+                        "encoders have fixed layouts (CLIP-L as clip, OpenCLIP bigG as openclip); leave it at auto")
+    return XL_LAYOUT
 
 
 def check_round_trip(ldm: Mapping[str, Any], pipe, compare_values: bool = True) -> None:
     """Run diffusers' own single-file converters on `ldm` and require every parameter of `pipe`'s UNet, VAE and
-    text encoder back under its own name, same shape (and, with `compare_values`, same bits, in `ldm`'s dtype).
+    text encoder(s) back under its own name, same shape (and, with `compare_values`, same bits, in `ldm`'s dtype).
 
     Raises UserError naming the first mismatch: it means diffusers' loader could not read this architecture back.
     """
     from diffusers.loaders import single_file_utils as sfu
 
     checkpoint = dict(ldm)
-    te = pipe.text_encoder
-    if sfu.is_open_clip_model(checkpoint):
-        te_back = sfu.convert_open_clip_checkpoint(te, checkpoint, prefix=OPENCLIP_PREFIX)
-    else:
-        te_back = sfu.convert_ldm_clip_checkpoint(checkpoint)
-    te_back = {k.removeprefix("text_model."): v for k, v in te_back.items()}
     parts = {
         "UNet": (pipe.unet.state_dict(), sfu.convert_ldm_unet_checkpoint(checkpoint, pipe.unet.config)),
         "VAE": (pipe.vae.state_dict(), sfu.convert_ldm_vae_checkpoint(checkpoint, pipe.vae.config)),
-        "text encoder": ({k.removeprefix("text_model."): v for k, v in te.state_dict().items()}, te_back),
     }
+    parts.update(_text_encoders_back(checkpoint, pipe, sfu))
     for part, (expected, back) in parts.items():
-        missing = sorted(set(expected) - set(back))
-        extra = sorted(set(back) - set(expected))
-        if missing or extra:
-            what = f"'{missing[0]}' would not be loaded" if missing else f"'{extra[0]}' would be unexpected"
-            raise UserError(f"diffusers' single-file loader cannot read this {part} back: {what} "
-                            f"({len(missing)} missing, {len(extra)} unexpected)")
-        for k, want in expected.items():
-            got = back[k]
-            if tuple(got.shape) != tuple(want.shape):
-                raise UserError(f"diffusers' single-file loader would read {part} '{k}' as shape "
-                                f"{tuple(got.shape)}, not {tuple(want.shape)}")
-            if compare_values and not _same_bits(got, want.to(got.dtype)):
-                raise UserError(f"{part} '{k}' does not survive the round trip through diffusers' loader")
+        _compare_part(part, expected, back, compare_values)
+
+
+def _text_encoders_back(checkpoint: dict[str, Any], pipe, sfu) -> dict[str, tuple[dict, dict]]:
+    """{part: (the model's state dict, what diffusers' converter makes of `checkpoint`)}, both without the
+    ``text_model.`` that transformers' CLIPTextModel may or may not have.
+
+    For SDXL these are the converters ``create_diffusers_clip_model_from_ldm`` picks for real SDXL files. It picks
+    by width, so ``from_single_file`` reads a file back only when bigG is wider than CLIP-L (as in every real SDXL
+    and in tiny_sdxl).
+    """
+    strip = lambda sd: {k.removeprefix("text_model."): v for k, v in sd.items()}  # noqa: E731
+    te = pipe.text_encoder
+    if has_two_text_encoders(pipe):
+        te2 = pipe.text_encoder_2
+        return {
+            "text encoder": (strip(te.state_dict()), strip(sfu.convert_ldm_clip_checkpoint(checkpoint))),
+            "text encoder 2": (strip(te2.state_dict()), strip(
+                sfu.convert_open_clip_checkpoint(te2, checkpoint, prefix=XL_OPENCLIP_PREFIX))),
+        }
+    if sfu.is_open_clip_model(checkpoint):
+        back = sfu.convert_open_clip_checkpoint(te, checkpoint, prefix=OPENCLIP_PREFIX)
+    else:
+        back = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    return {"text encoder": (strip(te.state_dict()), strip(back))}
+
+
+def _compare_part(part: str, expected: Mapping[str, Any], back: Mapping[str, Any], compare_values: bool) -> None:
+    missing = sorted(set(expected) - set(back))
+    extra = sorted(set(back) - set(expected))
+    if missing or extra:
+        what = f"'{missing[0]}' would not be loaded" if missing else f"'{extra[0]}' would be unexpected"
+        raise UserError(f"diffusers' single-file loader cannot read this {part} back: {what} "
+                        f"({len(missing)} missing, {len(extra)} unexpected)")
+    for k, want in expected.items():
+        got = back[k]
+        if tuple(got.shape) != tuple(want.shape):
+            raise UserError(f"diffusers' single-file loader would read {part} '{k}' as shape "
+                            f"{tuple(got.shape)}, not {tuple(want.shape)}")
+        if compare_values and not _same_bits(got, want.to(got.dtype)):
+            raise UserError(f"{part} '{k}' does not survive the round trip through diffusers' loader")
 
 
 def _same_bits(a, b) -> bool:
@@ -278,7 +348,7 @@ class ExportResult:
     num_tensors: int
     num_bytes: int
     dtype: str
-    text_encoder_layout: str
+    text_encoder_layout: str  # clip or openclip (SD 1.x/2.x), or sdxl (CLIP-L as clip + bigG as openclip)
 
 
 def export_single_file(
@@ -291,7 +361,9 @@ def export_single_file(
     allow_pickle: bool = False,
     text_encoder_layout: str = "auto",
 ) -> ExportResult:
-    """Write `model` (anything `models.load_pipeline` accepts) as one LDM-layout ``.safetensors`` file.
+    """Write `model` (anything `models.load_pipeline` accepts, SD 1.x/2.x or SDXL) as one ``.safetensors`` file in
+    the original key layout. `text_encoder_layout` picks SD 1.x/2.x's (auto, clip, openclip); SDXL's is fixed, and
+    anything but auto is refused for it.
 
     `dtype` is fp32 (lossless for fp32 models), fp16 or bf16 (half the size). `ema` exports an ``ldm train``
     checkpoint's EMA weights (its ``pipeline_ema/``). The file is written beside `output` under a temporary name
@@ -315,7 +387,10 @@ def export_single_file(
     from ldm_pipeline.models import load_pipeline
 
     pipe, info = load_pipeline(model, allow_pickle=allow_pickle)
-    layout = resolve_text_encoder_layout(pipe.text_encoder.config.hidden_size, text_encoder_layout)
+    if has_two_text_encoders(pipe):
+        layout = xl_layout(text_encoder_layout)
+    else:
+        layout = resolve_text_encoder_layout(pipe.text_encoder.config.hidden_size, text_encoder_layout)
     target = getattr(torch, DTYPES[dtype])
     with torch.no_grad():
         ldm = {k: (v.to(target) if v.dtype.is_floating_point else v).contiguous()
@@ -348,13 +423,17 @@ def _ema_folder(model: str) -> Path:
 
 
 def _configs(pipe) -> dict[str, Any]:
-    """The components' own configs, so the file describes its architecture (a loader can rebuild the folder)."""
-    return {
+    """The components' own configs, so the file describes its architecture (a loader can rebuild the folder:
+    `single_file.config_folder_from_metadata`)."""
+    configs = {
         "unet": dict(pipe.unet.config),
         "vae": dict(pipe.vae.config),
         "text_encoder": pipe.text_encoder.config.to_dict(),
         "scheduler": dict(pipe.scheduler.config),
     }
+    if has_two_text_encoders(pipe):
+        configs["text_encoder_2"] = pipe.text_encoder_2.config.to_dict()
+    return configs
 
 
 def _versions() -> dict[str, str]:
