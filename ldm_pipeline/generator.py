@@ -19,8 +19,9 @@ from typing import Any
 
 from ldm_pipeline.errors import UserError
 from ldm_pipeline.fast import FastPlan, apply_plan, plan_for
+from ldm_pipeline.guidance import CFG_TENSORS, chain_callbacks, guidance_cutoff_callback
 from ldm_pipeline.images import load_init_image
-from ldm_pipeline.models import GenerationDefaults, ModelInfo
+from ldm_pipeline.models import GenerationDefaults, ModelInfo, is_xl
 from ldm_pipeline.replay import batch_member, lora_record, make_record
 from ldm_pipeline.schedulers import check_scheduler_name, check_steps
 from ldm_pipeline.settings import (
@@ -45,36 +46,6 @@ class Result:
     image: Any  # PIL.Image
     record: dict[str, Any]
 
-
-
-def guidance_cutoff_callback(threshold: float):
-    """A ``callback_on_step_end`` that switches classifier-free guidance off for the steps at timesteps below
-    `threshold`: those steps run the conditional pass alone (and the negative prompt no longer applies), as in
-    A1111's "negative guidance minimum sigma" and Kynkäänniemi et al. 2024's guidance interval. Strong guidance
-    decides colour and layout at high noise; at low noise it over-sharpens outlines (squares come out pinched).
-    The step that the callback ends decides the next one; the caller handles a first step below the threshold."""
-
-    # our own: diffusers' SDCFGCutoffCallback counts steps (an img2img run, which starts part-way, would switch at
-    # another noise level) and keeps only the last prompt's embedding of a batch
-    def callback(pipe, i: int, t, kwargs: dict) -> dict:
-        run = pipe.scheduler.timesteps[-pipe.num_timesteps:]  # the steps this call runs (img2img: the tail)
-        if pipe.do_classifier_free_guidance and i + 1 < len(run) and run[i + 1] < threshold:
-            kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[1]  # [negative; positive] → positive
-            pipe._guidance_scale = 1.0
-        return kwargs
-
-    return callback
-
-
-def _chain(callbacks: list):
-    """Several ``callback_on_step_end`` functions as one (diffusers takes a single callable)."""
-
-    def callback(pipe, i: int, t, kwargs: dict) -> dict:
-        for cb in callbacks:
-            kwargs = cb(pipe, i, t, kwargs)
-        return kwargs
-
-    return callback
 
 
 class NonFiniteImageError(UserError):
@@ -110,6 +81,7 @@ class ImageGenerator:
         self._exec_device_cache = None
         self._lora_records: list[dict[str, Any]] | None = None
         self.fast_plan = fast_plan  # what --fast turned on
+        self.xl = is_xl(pipe)  # SDXL: two text encoders, pooled embedding and size conditioning
         diffusers.utils.logging.disable_progress_bar()  # our own bar counts images; diffusers' would count steps
         pipe.set_progress_bar_config(disable=True)
 
@@ -189,9 +161,11 @@ class ImageGenerator:
             problem = check_setting(name, getattr(job, name))
             if problem:
                 raise UserError(f"{name.replace('num_inference_steps', 'steps').replace('_', ' ')} {problem}")
-        layers = self.pipe.text_encoder.config.num_hidden_layers
+        layers = min(te.config.num_hidden_layers for te in self.text_encoders)
         if job.clip_skip > layers:
-            raise UserError(f"clip skip must be 1..{layers} (1 = last layer, 2 = penultimate)")
+            raise UserError(f"clip skip must be 1..{layers} " + ("(SDXL reads the penultimate layer; N reads N-1 layers "
+                            "before it)" if self.xl else "(1 = last layer, 2 = penultimate)"))
+        self._check_size_conditioning(job)
         if problem := check_eta(job.eta, job.scheduler):
             raise UserError(problem)
         if img2img:
@@ -212,6 +186,21 @@ class ImageGenerator:
                 raise UserError(f"--{name} {v} is not a multiple of {m} ({why})")
         return job
 
+    def _check_size_conditioning(self, job: Job) -> None:
+        given = {"original size": job.original_size, "target size": job.target_size,
+                 "crop top-left": job.crop_top_left}
+        given = {k: v for k, v in given.items() if v is not None}
+        if given and not self.xl:
+            raise UserError(f"{next(iter(given))}: size conditioning is an SDXL input; this model is SD 1.x/2.x")
+        for name, value in given.items():
+            low = 0 if name == "crop top-left" else 1
+            if len(value) != 2 or any(int(v) != v or v < low for v in value):
+                raise UserError(f"{name} must be two whole numbers >= {low} (got {value})")
+
+    @property
+    def text_encoders(self) -> list:
+        return [self.pipe.text_encoder] + ([self.pipe.text_encoder_2] if self.xl else [])
+
     def size_multiple(self, img2img: bool) -> int:
         """What --height/--width must be a multiple of: the VAE factor for img2img (diffusers' image processor
         works in VAE-factor steps), and also 8 for txt2img (``StableDiffusionPipeline.check_inputs``)."""
@@ -228,18 +217,29 @@ class ImageGenerator:
     @property
     def img2img_pipe(self):
         if self._img2img is None:
-            from diffusers import StableDiffusionImg2ImgPipeline
+            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
-            self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
+            if self.xl:
+                self._img2img = StableDiffusionXLImg2ImgPipeline(
+                    **self.pipe.components, add_watermarker=False,
+                    force_zeros_for_empty_prompt=self.pipe.config.force_zeros_for_empty_prompt)
+            else:
+                self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 
     # --- generation -------------------------------------------------------------------------------------------
 
-    def encode(self, job: Job, num_chunks: int | None = None):
-        """(prompt_embeds, negative_prompt_embeds) for a job, optionally padded to `num_chunks` chunks."""
-        from ldm_pipeline.prompts import encode_prompt_pair
+    def encode(self, job: Job, num_chunks: int | None = None) -> tuple:
+        """(prompt_embeds, negative_prompt_embeds), optionally padded to `num_chunks` chunks; SDXL adds the pooled
+        embeddings of both."""
+        from ldm_pipeline.prompts import encode_prompt_pair, encode_prompt_pair_xl
 
+        if self.xl:
+            return encode_prompt_pair_xl(
+                [self.pipe.tokenizer, self.pipe.tokenizer_2], self.text_encoders, job.prompt, job.negative_prompt,
+                clip_skip=job.clip_skip, device=self._exec_device, num_chunks=num_chunks,
+                zero_empty_negative=bool(self.pipe.config.get("force_zeros_for_empty_prompt", False)))
         return encode_prompt_pair(
             self.pipe.tokenizer,
             self.pipe.text_encoder,
@@ -293,6 +293,12 @@ class ImageGenerator:
         embeds = [self.encode(j) for j in batch]
         prompt_embeds = torch.cat([e[0] for e in embeds])
         negative_embeds = torch.cat([e[1] for e in embeds])
+        xl_inputs = {}
+        if self.xl:
+            xl_inputs = dict(pooled_prompt_embeds=torch.cat([e[2] for e in embeds]),
+                             negative_pooled_prompt_embeds=torch.cat([e[3] for e in embeds]),
+                             original_size=first.original_size, target_size=first.target_size,
+                             crops_coords_top_left=first.crop_top_left or (0, 0))
         generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
         img2img = first.init_image is not None
         pipe = self.img2img_pipe if img2img else self.pipe
@@ -303,7 +309,7 @@ class ImageGenerator:
         elif first.guidance_cutoff and guidance > 1:
             threshold = first.guidance_cutoff * pipe.scheduler.config.num_train_timesteps
             callbacks.append(guidance_cutoff_callback(threshold))
-            tensor_inputs.append("prompt_embeds")
+            tensor_inputs += [name for name in CFG_TENSORS if name in pipe._callback_tensor_inputs]
         if on_step is not None:
             def report(_pipe, _i, _t, kwargs: dict) -> dict:
                 on_step(batch)
@@ -312,7 +318,7 @@ class ImageGenerator:
             callbacks.append(report)
         callback = {}
         if callbacks:
-            callback = dict(callback_on_step_end=_chain(callbacks), callback_on_step_end_tensor_inputs=tensor_inputs)
+            callback = dict(callback_on_step_end=chain_callbacks(callbacks), callback_on_step_end_tensor_inputs=tensor_inputs)
         common = dict(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
@@ -323,6 +329,7 @@ class ImageGenerator:
             generator=generators,
             output_type="np",  # checked for NaN/inf, then made PIL as diffusers' "pil" output does
             **callback,
+            **xl_inputs,
         )
         if img2img:
             arrays = pipe(image=init_images, strength=first.strength, **common).images

@@ -257,6 +257,45 @@ def encode_prompt_pair(
     return pe, ne
 
 
+def encode_prompt_pair_xl(
+    tokenizers,
+    text_encoders,
+    prompt: str,
+    negative_prompt: str = "",
+    clip_skip: int = 1,
+    device=None,
+    num_chunks: int | None = None,
+    zero_empty_negative: bool = True,
+):
+    """SDXL's (prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) for one prompt, A1111's way: each
+    encoder chunks and weights the prompt on its own (emphasis restores each encoder's chunk mean), their hidden
+    states are concatenated per token, and the pooled embedding is the second encoder's for the first chunk. An
+    empty negative prompt is zeros when the model says so (``force_zeros_for_empty_prompt``, as diffusers does
+    for SDXL base). A short unweighted prompt gives exactly diffusers' ``encode_prompt`` tensors."""
+    import torch
+
+    texts = [prompt, negative_prompt or ""]
+    parsed = [[tokenize_weighted(tok, t) for tok in tokenizers] for t in texts]
+    chunks = max([num_chunks or 1] + [len(split_chunks(tok, tp)) for row in parsed
+                                       for tok, tp in zip(tokenizers, row)])
+    out = []
+    with torch.no_grad():
+        for row in parsed:
+            hidden, pooled = [], None
+            for tok, te, tp in zip(tokenizers, text_encoders, row):
+                ids, weights = make_chunks(tok, tp, chunks)
+                per_chunk = [encode_xl_tokens([te], [torch.tensor([c], device=device or te.device)], clip_skip)
+                             for c in ids]
+                hidden.append(apply_weights(torch.cat([h for h, _ in per_chunk], dim=1), weights))
+                pooled = per_chunk[0][1]  # the last encoder's, first chunk
+            dtype = text_encoders[-1].dtype
+            out.append((torch.cat(hidden, dim=-1).to(dtype), pooled))
+    (pe, pooled), (ne, neg_pooled) = out
+    if zero_empty_negative and not (negative_prompt or ""):
+        ne, neg_pooled = torch.zeros_like(ne), torch.zeros_like(neg_pooled)
+    return pe, ne, pooled, neg_pooled
+
+
 # --- prompt files -----------------------------------------------------------------------------------------------
 
 # per-row fields a .jsonl/.csv prompt file may set, with the type each must have ("steps" is an alias)

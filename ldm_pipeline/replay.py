@@ -60,6 +60,10 @@ def make_record(gen, job: Job, image) -> dict[str, Any]:
             "torch": torch.__version__,
         },
     }
+    if gen.xl:  # SDXL's size conditioning, resolved as diffusers does: the image's own size, no crop
+        size = (image.height, image.width)
+        rec.update(original_size=list(job.original_size or size), target_size=list(job.target_size or size),
+                   crop_top_left=list(job.crop_top_left or (0, 0)))
     if gen.options.fast:  # only then, so records of the normal path stay as they were
         rec["fast"] = True
     if job.init_image is not None:
@@ -157,6 +161,9 @@ def jobs_from_record(record: dict) -> list:
     keys = ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "guidance_rescale",
             "guidance_cutoff", "scheduler", "eta", "clip_skip", "strength", "init_image", "resize_mode")
     base = Job(**{k: record[k] for k in keys if k in record})
+    for k in ("original_size", "target_size", "crop_top_left"):  # SDXL's, recorded as lists
+        if record.get(k) is not None:
+            setattr(base, k, tuple(record[k]))
     if base.guidance_cutoff is None:  # recorded before the option existed: every step was guided
         base.guidance_cutoff = 0.0
     base.height, base.width = record["height"], record["width"]

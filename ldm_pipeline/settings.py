@@ -35,6 +35,11 @@ class Job:
     height: int | None = None
     width: int | None = None
     clip_skip: int = 1
+    # SDXL's micro-conditioning, (height, width) / (top, left) as diffusers takes them; None = diffusers' defaults
+    # (the image's own size, no crop). SD 1.x/2.x models have none.
+    original_size: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] | None = None
     # img2img only
     init_image: str | None = None
     strength: float | None = None

@@ -33,6 +33,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    """A random tiny SDXL-architecture model folder (`ldm init-model --config tiny_sdxl --seed 0`)."""
+    from ldm_pipeline.models import init_model
+
+    return init_model("tiny_sdxl", tmp_path_factory.mktemp("models") / "tiny_sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
 def generator(tiny_model):
     """The tiny model loaded once for in-process generation tests."""
     from ldm_pipeline.generator import ImageGenerator

@@ -83,13 +83,30 @@ RECORDED_OPTIONS = {"negative_prompt": "--negative-prompt", "steps": "--steps", 
                     "scheduler": "--scheduler", "eta": "--eta",
                     "seed": "--seed", "num_images": "--num-images", "batch_size": "--batch-size", "height": "--height",
                     "width": "--width", "clip_skip": "--clip-skip", "init_image": "--init-image",
-                    "strength": "--strength", "resize_mode": "--resize-mode"}
+                    "strength": "--strength", "resize_mode": "--resize-mode", "original_size": "--original-size",
+                    "target_size": "--target-size", "crop_top_left": "--crop-top-left"}
 
 
 def apply_sampling_defaults(args: argparse.Namespace) -> None:
     for dest, value in SAMPLING_DEFAULTS.items():
         if hasattr(args, dest) and getattr(args, dest) is None:
             setattr(args, dest, value)
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` (A1111's way of writing a size) → (height, width), diffusers' order."""
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.strip().isdigit() or not h.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 1024x768 (width x height)")
+    return int(h), int(w)
+
+
+def pair_of_ints(text: str) -> tuple[int, int]:
+    """``A,B`` → (A, B), each a whole number >= 0."""
+    parts = [x.strip() for x in text.split(",")]
+    if len(parts) != 2 or not all(x.isdigit() for x in parts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not two whole numbers like 0,0")
+    return int(parts[0]), int(parts[1])
 
 
 def add_generation_args(p: argparse.ArgumentParser, img2img: bool = False) -> None:
@@ -124,6 +141,12 @@ def add_generation_args(p: argparse.ArgumentParser, img2img: bool = False) -> No
     g.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     g.add_argument("--clip-skip", type=int, help="use the text encoder's N-th last layer (A1111 meaning: 1 = last, "
                    "2 = penultimate; default: 1)")
+    g.add_argument("--original-size", type=image_size, metavar="WxH", help="SDXL: the size the model is told the "
+                   "source image had (default: the output size); larger values steer away from upscaled-looking images")
+    g.add_argument("--target-size", type=image_size, metavar="WxH", help="SDXL: the size the model is told to aim for "
+                   "(default: the output size)")
+    g.add_argument("--crop-top-left", type=pair_of_ints, metavar="TOP,LEFT", help="SDXL: the crop offset the model is "
+                   "told of (default: 0,0; other values draw off-centre, as if cropped)")
     if img2img:
         g = p.add_argument_group("img2img")
         g.add_argument("--init-image", help="image file, folder or glob to edit")

@@ -83,6 +83,9 @@ def jobs_from_args(args: argparse.Namespace, img2img: bool, base_seed: int) -> l
         height=args.height,
         width=args.width,
         clip_skip=args.clip_skip,
+        original_size=args.original_size,
+        target_size=args.target_size,
+        crop_top_left=args.crop_top_left,
     )
     if img2img:
         run.update(strength=args.strength, resize_mode=args.resize_mode)
