@@ -3,6 +3,7 @@
   ldm train --config sd15_finetune --model runwayml/stable-diffusion-v1-5 --data 'shards/{00000..00099}.tar' \\
       --output-dir runs/sd15-ft
   ldm train --config sd15_lora --model sd15.safetensors --data shards/ --output-dir runs/lora --lora-rank 8
+  ldm train --config sdxl_lora --model sd_xl_base_1.0.safetensors --data my_images/ --output-dir runs/xl-lora
   ldm train --config tiny_test --model config:tiny --data shapes/ --output-dir runs/tiny max_steps=30 \\
       data.random_flip=true                                   # config:NAME: random weights, configs/models/NAME.yaml
   ldm train --config tiny_test ... --resume latest            # continue after a crash or preemption (same model,
@@ -28,7 +29,8 @@ from ldm_pipeline.cli.common import Parser, run_main
 def build_parser(prog: str = "ldm train") -> argparse.ArgumentParser:
     p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any config field, e.g. lora.rank=8 data.random_flip=true")
-    p.add_argument("--config", help="training YAML, or a name under configs/train (sd15_finetune, sd15_lora, tiny_test)")
+    p.add_argument("--config", help="training YAML, or a name under configs/train (sd15_finetune, sd15_lora, sdxl_finetune, "
+                   "sdxl_lora, tiny_test)")
     p.add_argument("--model", help="diffusers folder, checkpoint folder, .safetensors, hub id, shipped model (shapes) "
                    "or config:NAME (random weights from configs/models/NAME.yaml)")
     p.add_argument("--data", help="training data: tar shards (dir, glob, brace range, URL), parquet, image folder, HF name")

@@ -106,11 +106,12 @@ def _hashable(item: Any) -> Any:
 
 
 class ShardedCaptionDataset(IterableDataset):
-    """Yields whole batches: pixel_values, captions, input_ids (with a tokenizer), original_sizes, crop_top_lefts,
-    keys, state. Use with ``make_dataloader`` (DataLoader with ``batch_size=None``)."""
+    """Yields whole batches: pixel_values, captions, input_ids (with a tokenizer), input_ids_2 (with SDXL's second
+    tokenizer, which pads otherwise), original_sizes, crop_top_lefts, keys, state. Use with ``make_dataloader``
+    (DataLoader with ``batch_size=None``)."""
 
     def __init__(self, shards: list[Shard], config: DataConfig, batch_size: int, tokenizer=None, rank: int = 0,
-                 world_size: int = 1, max_chunks: int = 1):
+                 world_size: int = 1, max_chunks: int = 1, tokenizer_2=None):
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -123,6 +124,7 @@ class ShardedCaptionDataset(IterableDataset):
             raise UserError(f"data.bucket_step must be a multiple of 8, got {config.bucket_step}")
         self.shards, self.config, self.batch_size = shards, config, batch_size
         self.tokenizer, self.rank, self.world_size, self.max_chunks = tokenizer, rank, world_size, max_chunks
+        self.tokenizer_2 = tokenizer_2
         res = config.resolution
         self.buckets = (make_buckets(res, config.bucket_step, config.min_bucket_side, config.max_bucket_side)
                         if config.bucketing else [(res, res)])
@@ -290,16 +292,19 @@ class ShardedCaptionDataset(IterableDataset):
         }
         if self.tokenizer is not None:
             batch["input_ids"] = tokenize_captions(self.tokenizer, captions, self.max_chunks, stats)
+        if self.tokenizer_2 is not None:  # the same captions (a dropped one is "" for both), counted once
+            batch["input_ids_2"] = tokenize_captions(self.tokenizer_2, captions, self.max_chunks)
         return batch
 
 
 def build_dataset(config: DataConfig, batch_size: int, tokenizer=None, rank: int = 0, world_size: int = 1,
-                  max_chunks: int = 1) -> ShardedCaptionDataset:
-    """The batch stream for one rank: lists the source's shards (opening none) and sets up splitting/bucketing."""
+                  max_chunks: int = 1, tokenizer_2=None) -> ShardedCaptionDataset:
+    """The batch stream for one rank: lists the source's shards (opening none) and sets up splitting/bucketing.
+    `tokenizer_2` (SDXL's second tokenizer) adds ``input_ids_2``."""
     shards = open_sources(config.source, config.format, config.image_column, config.caption_column,
                           min_shards=world_size * max(1, config.num_workers), shuffle_buffer=config.shuffle_buffer,
                           hf_split=config.hf_split)
-    return ShardedCaptionDataset(shards, config, batch_size, tokenizer, rank, world_size, max_chunks)
+    return ShardedCaptionDataset(shards, config, batch_size, tokenizer, rank, world_size, max_chunks, tokenizer_2)
 
 
 def make_dataloader(dataset: ShardedCaptionDataset, num_workers: int,

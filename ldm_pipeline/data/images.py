@@ -57,6 +57,14 @@ def decode_image(data: bytes | str, max_pixels: int, stats: DataStats | None = N
         raise SkipSample("truncated_image" if "truncated" in str(e).lower() else "corrupt_image") from None
 
 
+def resized_size(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The (w, h) that `resize_and_crop` scales a `width` x `height` image to before cropping it to `size` (w, h):
+    the smallest that covers it. The latent cache needs it to mirror a crop's corner (SDXL's crop conditioning)."""
+    tw, th = size
+    scale = max(tw / width, th / height)
+    return max(tw, round(width * scale)), max(th, round(height * scale))
+
+
 def resize_and_crop(img: Image.Image, size: tuple[int, int], center_crop: bool, random_flip: bool,
                     rng: random.Random) -> tuple[Image.Image, tuple[int, int], bool]:
     """Scale so the image covers `size` (w, h), crop to it, maybe flip; returns (image, (top, left), upscaled).
@@ -66,7 +74,7 @@ def resize_and_crop(img: Image.Image, size: tuple[int, int], center_crop: bool, 
     tw, th = size
     w, h = img.size
     scale = max(tw / w, th / h)
-    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+    nw, nh = resized_size(w, h, size)
     if (nw, nh) != (w, h):
         # LANCZOS is the sharpest for shrinking; BICUBIC rings less when enlarging
         img = img.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)

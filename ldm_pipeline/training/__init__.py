@@ -8,8 +8,9 @@ Modules: config (TrainConfig), loop (train: the loop, top to bottom), state (Tra
 besides accelerate's state), setup (the accelerator, models and data of a run), step (train_step, TrainHooks),
 outputs (checkpoints, validation grids, final model and card), checkpoints (atomic save, latest, limit, output dir,
 resume checks; shared with vae), vae (train_vae: the autoencoder stage; vae_metrics its loss and PSNR), caching (latent and
-text-embedding cache), validation (sample grids, loss curve), lora (peft adapters), losses (noise, targets, min-SNR),
-packages (the optional packages a run needs, checked up front).
+text-embedding cache), validation (sample grids, loss curve), lora (peft adapters, and their kohya-format copy), losses
+(noise, targets, min-SNR), xl (SDXL's conditioning: both text encoders, pooled embedding, size/crop time ids, and its
+fp16 VAE rule), packages (the optional packages a run needs, checked up front).
 """
 
 from ldm_pipeline.training.config import TrainConfig, load_train_config

@@ -11,11 +11,15 @@ What is stored (safetensors shards, one folder per rank, ``CACHE_DIR/rankRofW/``
   exactly the crop of the mirrored image.
 * ``input_ids`` always, and ``prompt_embeds`` when the text encoder is frozen; plus the empty prompt's embedding
   (``empty.safetensors``), which caption dropout substitutes at training time (also per (seed, epoch, key)).
+* SDXL: ``input_ids_2`` (the second tokenizer's), ``prompt_embeds`` = both encoders' penultimate hidden states
+  concatenated, and ``pooled_prompt_embeds`` (the empty prompt's too); for every model ``original_sizes`` and
+  ``crop_top_lefts`` (and ``crop_top_lefts_flip``, the mirrored crop's corner), which SDXL's size conditioning
+  (``add_time_ids``) reads.
 
 The precompute pass runs on every rank over that rank's share of the data (`build_dataset(rank, world_size)`, the
 same split as training), with no collective operation inside it, so a slow rank cannot trip a NCCL timeout midway;
 the loop waits at one barrier after it. A cache is reused when its fingerprint (data, the encoders' weights — the VAE,
-the tokenizer, and the text encoder when embeddings are cached —, what is cached, rank layout) matches, so a run
+the tokenizer(s), and the text encoder(s) when embeddings are cached —, what is cached, rank layout) matches, so a run
 continuing from a fine-tuned UNet reuses its parent's cache; ``manifest.json`` is written last and marks a complete rank cache.
 """
 
@@ -34,6 +38,8 @@ from ldm_pipeline.data.config import DataConfig
 from ldm_pipeline.errors import UserError
 
 SHARD_SIZE = 256  # samples per safetensors file
+# the caption's entries, which caption dropout replaces by the empty prompt's (those present in empty.safetensors)
+TEXT_KEYS = ("input_ids", "input_ids_2", "prompt_embeds", "pooled_prompt_embeds")
 MANIFEST = "manifest.json"
 
 
@@ -42,17 +48,24 @@ def _cache_data_config(data: DataConfig) -> DataConfig:
     return dataclasses.replace(data, random_flip=False, caption_dropout=0.0, center_crop=True, shuffle=False)
 
 
-def encoders_hash(vae, text_encoder, tokenizer, cache_embeddings: bool) -> str:
-    """Content hash of what the cache depends on: the VAE's weights, the tokenizer's vocabulary and, when prompt
-    embeddings are cached, the text encoder's weights (the UNet's weights do not change a cached encoding)."""
+def encoders_hash(vae, text_encoder, tokenizer, cache_embeddings: bool, text_encoder_2=None,
+                  tokenizer_2=None) -> str:
+    """Content hash of what the cache depends on: the VAE's weights, the tokenizers' vocabularies (and padding) and,
+    when prompt embeddings are cached, the text encoders' weights (the UNet's weights do not change a cached
+    encoding). SDXL's second text encoder and tokenizer count too; an SD model's hash is as it always was."""
     h = hashlib.sha256()
-    modules = [("vae", vae)] + ([("text_encoder", text_encoder)] if cache_embeddings else [])
+    modules = [("vae", vae)]
+    if cache_embeddings:
+        modules += [("text_encoder", text_encoder)] + ([("text_encoder_2", text_encoder_2)] if text_encoder_2 else [])
     for name, module in modules:
         for key, t in sorted(module.state_dict().items()):
             h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(str(getattr(tokenizer, "model_max_length", "")).encode())
+    for tok in [tokenizer] + ([tokenizer_2] if tokenizer_2 is not None else []):
+        h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+        h.update(str(getattr(tok, "model_max_length", "")).encode())
+        if tok is tokenizer_2:  # it shares the first one's vocabulary and differs in its padding
+            h.update(f"pad:{tok.pad_token}".encode())
     return h.hexdigest()
 
 
@@ -69,11 +82,50 @@ def rank_dir(cache_dir: Path, rank: int, world_size: int) -> Path:
     return cache_dir / f"rank{rank}of{world_size}"
 
 
+def encode_prompts(text_encoders: list, ids: list[torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """What the cache stores of a batch's captions: SD's ``prompt_embeds`` (the text encoder's last hidden states),
+    or SDXL's ``prompt_embeds`` (both encoders' penultimate ones, concatenated) and ``pooled_prompt_embeds``, as
+    training computes them uncached (`step.encode_text`, `xl.encode_text`), in float32 on the CPU."""
+    from ldm_pipeline.prompts import encode_xl_tokens
+
+    if len(text_encoders) == 1:
+        return {"prompt_embeds": text_encoders[0](ids[0].to(device), return_dict=False)[0].float().cpu()}
+    hidden, pooled = encode_xl_tokens(text_encoders, [i.to(device) for i in ids])
+    return {"prompt_embeds": hidden.float().cpu(), "pooled_prompt_embeds": pooled.float().cpu()}
+
+
+def _size_entries(batch: dict[str, Any], keep: list[int], flip: bool) -> dict[str, torch.Tensor]:
+    """SDXL's size conditioning of the kept samples: original sizes and crop corners, plus the corners of the
+    mirrored images (the crop's left edge measured from the other side of the resized image) when flips are cached."""
+    from ldm_pipeline.data.images import resized_size
+
+    sizes, crops = batch["original_sizes"][keep], batch["crop_top_lefts"][keep]
+    out = {"original_sizes": sizes, "crop_top_lefts": crops}
+    if flip:
+        th, tw = batch["pixel_values"].shape[-2:]
+        mirrored = crops.clone()
+        for i, ((h, w), (_, left)) in enumerate(zip(sizes.tolist(), crops.tolist())):
+            mirrored[i, 1] = resized_size(w, h, (tw, th))[0] - left - tw
+        out["crop_top_lefts_flip"] = mirrored
+    return out
+
+
+def _empty_prompt(text_encoders: list, tokenizers: list, device, cache_embeddings: bool) -> dict[str, torch.Tensor]:
+    """The empty caption's token ids (and encodings), which caption dropout substitutes at training time."""
+    ids = [tok([""], padding="max_length", truncation=True, max_length=tok.model_max_length,
+               return_tensors="pt").input_ids.long() for tok in tokenizers]
+    empty = {"input_ids": ids[0]} | ({"input_ids_2": ids[1]} if len(ids) > 1 else {})
+    if cache_embeddings:
+        empty.update(encode_prompts(text_encoders, ids, device))
+    return empty
+
+
 @torch.no_grad()
 def build_cache(cache_dir: Path, data: DataConfig, batch_size: int, vae, text_encoder, tokenizer, device, dtype,
-                model_hash: str, cache_embeddings: bool, rank: int, world_size: int,
-                progress: bool = False) -> dict[str, Any]:  # ~100 lines: one pass with its buffers, top to bottom
-    """Encode this rank's share of one epoch into ``cache_dir/rankRofW`` (no-op when a matching cache exists).
+                model_hash: str, cache_embeddings: bool, rank: int, world_size: int, progress: bool = False,
+                text_encoder_2=None, tokenizer_2=None) -> dict[str, Any]:  # ~90 lines: one pass, top to bottom
+    """Encode this rank's share of one epoch into ``cache_dir/rankRofW`` (no-op when a matching cache exists), the
+    VAE in `dtype`. SDXL (`text_encoder_2`) adds the second tokenizer's ids and the pooled embedding.
     Returns the manifest. No collective ops: call ``accelerator.wait_for_everyone()`` after it."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -93,10 +145,12 @@ def build_cache(cache_dir: Path, data: DataConfig, batch_size: int, vae, text_en
         old.unlink()
     manifest_path.unlink(missing_ok=True)
 
+    text_encoders = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
+    tokenizers = [tokenizer] + ([tokenizer_2] if text_encoder_2 is not None else [])
     cfg = _cache_data_config(data)
-    dataset = build_dataset(cfg, batch_size, tokenizer=tokenizer, rank=rank, world_size=world_size)
+    dataset = build_dataset(cfg, batch_size, tokenizer=tokenizer, rank=rank, world_size=world_size,
+                            tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None)
     loader = make_dataloader(dataset, cfg.num_workers)
-    vae_dtype = dtype
     scaling_keys: list[str] = []
     buffers: dict[str, list[torch.Tensor]] = {}
     shards: list[str] = []
@@ -113,7 +167,7 @@ def build_cache(cache_dir: Path, data: DataConfig, batch_size: int, vae, text_en
         buffers.clear()
 
     def posterior(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = vae.encode(pixels.to(device, vae_dtype)).latent_dist
+        dist = vae.encode(pixels.to(device, dtype)).latent_dist
         return dist.mean.float().cpu(), dist.std.float().cpu()
 
     bar = tqdm(desc=f"caching latents (rank {rank})", unit="img", disable=not progress)
@@ -132,18 +186,16 @@ def build_cache(cache_dir: Path, data: DataConfig, batch_size: int, vae, text_en
             continue
         pixels = batch["pixel_values"][keep]
         seen_keys.update(batch["keys"][i] for i in keep)
-        mean, std = posterior(pixels)
-        buffers.setdefault("latent_mean", []).append(mean)
-        buffers.setdefault("latent_std", []).append(std)
-        if data.random_flip:
-            mean_f, std_f = posterior(pixels.flip(-1))  # mirror of a centre crop = centre crop of the mirror
-            buffers.setdefault("latent_mean_flip", []).append(mean_f)
-            buffers.setdefault("latent_std_flip", []).append(std_f)
-        ids = batch["input_ids"][keep]
-        buffers.setdefault("input_ids", []).append(ids)
+        entries = dict(zip(("latent_mean", "latent_std"), posterior(pixels)))
+        if data.random_flip:  # mirror of a centre crop = centre crop of the mirror
+            entries.update(zip(("latent_mean_flip", "latent_std_flip"), posterior(pixels.flip(-1))))
+        ids = [batch[k][keep] for k in ("input_ids", "input_ids_2")[: len(tokenizers)]]
+        entries.update(zip(("input_ids", "input_ids_2"), ids))
         if cache_embeddings:
-            emb = text_encoder(ids.to(device), return_dict=False)[0]
-            buffers.setdefault("prompt_embeds", []).append(emb.float().cpu())
+            entries.update(encode_prompts(text_encoders, ids, device))
+        entries.update(_size_entries(batch, keep, data.random_flip))
+        for k, v in entries.items():
+            buffers.setdefault(k, []).append(v)
         scaling_keys.extend(batch["keys"][i] for i in keep)
         bar.update(len(keep))
         if sum(len(t) for t in buffers["input_ids"]) >= SHARD_SIZE:
@@ -152,12 +204,7 @@ def build_cache(cache_dir: Path, data: DataConfig, batch_size: int, vae, text_en
     bar.close()
     if not scaling_keys:
         raise UserError(f"rank {rank}: no usable training sample to cache in {data.source}")
-    empty_ids = tokenizer([""], padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids
-    empty = {"input_ids": empty_ids.long()}
-    if cache_embeddings:
-        empty["prompt_embeds"] = text_encoder(empty_ids.to(device), return_dict=False)[0].float().cpu()
-    save_file(empty, str(out / "empty.safetensors"))
+    save_file(_empty_prompt(text_encoders, tokenizers, device, cache_embeddings), str(out / "empty.safetensors"))
     from ldm_pipeline.data.stats import DataStats
 
     stats = DataStats()
@@ -174,7 +221,8 @@ class CachedLatentDataset:
     """Batches of cached encodings for one rank, reshuffled every epoch; `state` after each batch resumes exactly.
 
     Yields dicts with latent_mean, latent_std (already mirrored where the epoch's coin says so), input_ids,
-    prompt_embeds (when cached; caption dropout applied), keys, state.
+    prompt_embeds (when cached; caption dropout applied), for SDXL input_ids_2, pooled_prompt_embeds (when cached),
+    original_sizes and crop_top_lefts (of the mirrored crop when mirrored), keys, state.
     """
 
     def __init__(self, cache_dir: Path, rank: int, world_size: int, batch_size: int, data: DataConfig):
@@ -190,6 +238,7 @@ class CachedLatentDataset:
             self.rows.extend((f_idx, r) for r in range(n))
         with safe_open(str(self.dir / "empty.safetensors"), framework="pt") as f:
             self.empty = {k: f.get_tensor(k) for k in f.keys()}
+        self.fields = set(self.files[0].keys()) if self.files else set()
         self.keys = self.manifest["keys"]
         self.epoch, self.index = 0, 0
 
@@ -213,9 +262,12 @@ class CachedLatentDataset:
         suffix = "_flip" if flip else ""
         row = {"latent_mean": f.get_slice(f"latent_mean{suffix}")[r], "latent_std": f.get_slice(f"latent_std{suffix}")[r]}
         dropped = self.data.caption_dropout > 0 and rng.random() < self.data.caption_dropout
-        row["input_ids"] = self.empty["input_ids"][0] if dropped else f.get_slice("input_ids")[r]
-        if self.manifest["embeds"]:
-            row["prompt_embeds"] = self.empty["prompt_embeds"][0] if dropped else f.get_slice("prompt_embeds")[r]
+        for k in TEXT_KEYS:  # a dropped caption is the empty one for every text encoder
+            if k in self.empty:
+                row[k] = self.empty[k][0] if dropped else f.get_slice(k)[r]
+        if "original_sizes" in self.fields:  # SDXL's size conditioning (caches written before it lack it)
+            row["original_sizes"] = f.get_slice("original_sizes")[r]
+            row["crop_top_lefts"] = f.get_slice(f"crop_top_lefts{suffix}")[r]
         return row
 
     def __iter__(self):

@@ -137,7 +137,8 @@ def _log_plan(run: Run) -> None:
                      f"{c.batch_size} x {accum} accumulation), lr {run.lr:g} ({c.lr_scheduler}"
                      f"{f', warm-up {c.lr_warmup_steps}' if c.lr_warmup_steps else ''}), "
                      f"{'LoRA rank ' + str(c.lora.rank) if run.use_lora else 'full fine-tuning'}"
-                     f"{' + text encoder' if run.train_te else ''}, mixed precision {accelerator.mixed_precision}")
+                     f"{(' + text encoders' if run.xl else ' + text encoder') if run.train_te else ''}, "
+                     f"{'SDXL, ' if run.xl else ''}mixed precision {accelerator.mixed_precision}")
     s = run.sampling
     if c.validate_every and s.prompts:
         origin = ("config" if c.validation.prompts is not None else

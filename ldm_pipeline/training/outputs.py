@@ -17,18 +17,21 @@ from ldm_pipeline.training.state import TrainState
 
 
 def saving_pipeline(run: Run, full_unet=None):
-    """A StableDiffusionPipeline for saving: the trained modules (sharing their weights) and the full-precision
-    copies of the frozen ones (mixed precision casts the live frozen ones)."""
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) for saving: the trained modules (sharing their
+    weights) and the full-precision copies of the frozen ones (mixed precision casts the live frozen ones)."""
     from ldm_pipeline.models import pipeline_from_components
 
     unwrap = run.accelerator.unwrap_model
-    return pipeline_from_components({
-        "unet": full_unet if full_unet is not None else unwrap(run.unet),
-        "vae": run.fp32_copies.get("vae", run.vae),
-        "text_encoder": run.fp32_copies.get("text_encoder", unwrap(run.text_encoder)),
-        "tokenizer": run.tokenizer,
-        "scheduler": run.pipe.scheduler,
-    })
+    parts = {"unet": full_unet if full_unet is not None else unwrap(run.unet),
+             "vae": run.fp32_copies.get("vae", run.vae), "tokenizer": run.tokenizer, "scheduler": run.pipe.scheduler}
+    for name, te in run.text_encoders().items():
+        parts[name] = run.fp32_copies.get(name, unwrap(te))
+    if run.xl:
+        parts["tokenizer_2"] = run.tokenizer_2
+    pipe = pipeline_from_components(parts)
+    if run.xl and "force_zeros_for_empty_prompt" in run.pipe.config:  # keep the model's own negative-prompt rule
+        pipe.register_to_config(force_zeros_for_empty_prompt=run.pipe.config.force_zeros_for_empty_prompt)
+    return pipe
 
 
 def with_ema_weights(run: Run, fn, *args) -> None:
@@ -50,8 +53,8 @@ def write_model(run: Run, folder: Path, use_ema: bool = False, full_unet=None) -
     def write() -> None:
         if run.use_lora:
             unwrap = run.accelerator.unwrap_model
-            lora_mod.save_lora(folder, unwrap(run.unet),
-                               unwrap(run.text_encoder) if run.config.lora.text_encoder else None)
+            encoders = [unwrap(te) for te in run.text_encoders().values()] if run.config.lora.text_encoder else []
+            lora_mod.save_lora(folder, unwrap(run.unet), *encoders)  # SDXL: both text encoders' adapters
         else:
             saving_pipeline(run, full_unet).save_pretrained(folder, safe_serialization=True)
             write_defaults(folder, run.info.defaults)
@@ -97,9 +100,11 @@ def validate(run: Run, step: int) -> None:
         # the live modules in their training dtypes, on the training device, under autocast (the fp32 copies
         # kept for saving stay on the CPU)
         unwrap = run.accelerator.unwrap_model
-        live = validation.live_pipeline({"unet": unwrap(run.unet), "vae": run.vae,
-                                         "text_encoder": unwrap(run.text_encoder), "tokenizer": run.tokenizer,
-                                         "scheduler": run.pipe.scheduler}, run.accelerator.device)
+        parts = {"unet": unwrap(run.unet), "vae": run.vae, "tokenizer": run.tokenizer, "scheduler": run.pipe.scheduler,
+                 **{name: unwrap(te) for name, te in run.text_encoders().items()}}
+        if run.xl:
+            parts["tokenizer_2"] = run.tokenizer_2
+        live = validation.live_pipeline(parts, run.accelerator.device)
         with run.accelerator.autocast():
             images = validation.sample_images(live, run.info, sampling, sampling.height, sampling.width,
                                               str(run.accelerator.device))
@@ -130,7 +135,7 @@ def save_final(run: Run, state: TrainState, data_stats: dict[str, Any], full_une
     with atomic_dir(out / "final", overwrite=True) as tmp:
         write_model(run, tmp, use_ema=run.ema is not None, full_unet=full_unet if run.ema is None else None)
         save_yaml(config, tmp / ckpt.CONFIG_FILE)
-        (tmp / "README.md").write_text(model_card(config, run.info, metrics), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(config, run.info, metrics, run.xl), encoding="utf-8")
     ckpt.write_json(out / "metrics.json", {**metrics, "losses": state.losses})
     if state.losses:
         validation.draw_loss_curve([s for s, _ in state.losses], [v for _, v in state.losses], out / "loss_curve.png")
@@ -153,10 +158,11 @@ def flat_hparams(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in flatten(to_dict(config)).items() if isinstance(v, (int, float, str, bool))}
 
 
-def model_card(config: TrainConfig, info, metrics: dict[str, Any]) -> str:  # a template: long, not complex
+def model_card(config: TrainConfig, info, metrics: dict[str, Any], xl: bool = False) -> str:  # a template: long
     import yaml
 
-    trained = "UNet and text encoder" if trains_text_encoder(config) else "UNet"
+    trained = ("UNet and both text encoders" if xl else "UNet and text encoder") if trains_text_encoder(config) \
+        else "UNet"
     if is_lora(config):
         kind = f"LoRA adapters (rank {config.lora.rank}) on the {trained}"
     elif info.source == "config":
@@ -174,7 +180,7 @@ def model_card(config: TrainConfig, info, metrics: dict[str, Any]) -> str:  # a 
     return f"""---
 library_name: diffusers
 base_model: {info.name}
-tags: [stable-diffusion, text-to-image, ldm_pipeline{', lora' if is_lora(config) else ''}]
+tags: [stable-diffusion{', stable-diffusion-xl' if xl else ''}, text-to-image, ldm_pipeline{', lora' if is_lora(config) else ''}]
 ---
 
 # {Path(config.output_dir).name}

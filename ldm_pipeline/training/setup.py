@@ -121,6 +121,9 @@ class Run:
     trained: tuple = ()  # the prepared modules that are trained (for accelerator.accumulate)
     trained_params: list = field(default_factory=list)  # clipped and averaged
     fp32_copies: dict[str, Any] = field(default_factory=dict)  # full-precision frozen modules, for saving
+    text_encoder_2: Any = None  # SDXL's second text encoder (CLIPTextModelWithProjection) and tokenizer; else None
+    tokenizer_2: Any = None
+    vae_dtype: Any = None  # what the VAE encodes in: weight_dtype, or fp32 for SDXL's VAE under fp16 (see xl.py)
 
     @property
     def use_lora(self) -> bool:
@@ -129,6 +132,16 @@ class Run:
     @property
     def train_te(self) -> bool:
         return trains_text_encoder(self.config)
+
+    @property
+    def xl(self) -> bool:
+        """An SDXL-architecture model: two text encoders, pooled and size conditioning (`xl`)."""
+        return self.text_encoder_2 is not None
+
+    def text_encoders(self) -> dict[str, Any]:
+        """The text encoders by component name: text_encoder, and text_encoder_2 for SDXL."""
+        found = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {k: v for k, v in found.items() if v is not None}
 
 
 def setup_models(config: TrainConfig, accelerator) -> Run:
@@ -143,7 +156,8 @@ def setup_models(config: TrainConfig, accelerator) -> Run:
     # same config compares equal to it (`ldm recipe` reuses a stage only then)
     sampling = validation.resolve_settings(config.validation, info.defaults)
     run = Run(config, accelerator, Path(config.output_dir), info, pipe, pipe.unet, pipe.vae, pipe.text_encoder,
-              pipe.tokenizer, _noise_scheduler(config, pipe), weight_dtype(accelerator), sampling, 0.0)
+              pipe.tokenizer, _noise_scheduler(config, pipe), weight_dtype(accelerator), sampling, 0.0,
+              text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None))
     _place_modules(run)
     _make_optimization(run)
     _prepare(run)
@@ -170,35 +184,53 @@ def _place_modules(run: Run) -> None:
     from diffusers.training_utils import cast_training_params
 
     from ldm_pipeline.training import lora as lora_mod
+    from ldm_pipeline.training import xl
 
     config, device, dtype = run.config, run.accelerator.device, run.weight_dtype
-    unet, vae, text_encoder = run.unet, run.vae, run.text_encoder
+    unet, vae, encoders = run.unet, run.vae, run.text_encoders()
     use_lora, train_te = run.use_lora, run.train_te
+    full_te = config.train_text_encoder and not use_lora  # the whole text encoder(s), not adapters
+    run.vae_dtype = xl.vae_encode_dtype(vae, dtype, run.xl)
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(config.train_text_encoder and not use_lora)
+    for te in encoders.values():
+        te.requires_grad_(full_te)
     unet.requires_grad_(not use_lora)
     if use_lora:
         lora_mod.add_unet_lora(unet, config.lora)
         if config.lora.text_encoder:
-            lora_mod.add_text_encoder_lora(text_encoder, config.lora)
+            for te in encoders.values():
+                lora_mod.add_text_encoder_lora(te, config.lora)
+    if run.xl and train_te:
+        xl.freeze_unused_text_encoder_layers(run.text_encoder)
     # Frozen weights run in the mixed-precision dtype; trained weights stay fp32, else the grad scaler fails with
     # "Attempting to unscale FP16 gradients" (https://github.com/huggingface/diffusers/issues/6442).
     if dtype != torch.float32 and not use_lora:  # keep full-precision copies to save unchanged parts exactly
-        run.fp32_copies["vae"] = copy.deepcopy(vae)
+        if run.vae_dtype != torch.float32:
+            run.fp32_copies["vae"] = copy.deepcopy(vae)
         if not train_te:
-            run.fp32_copies["text_encoder"] = copy.deepcopy(text_encoder)
-    vae.to(device, dtype=dtype)
+            run.fp32_copies.update({name: copy.deepcopy(te) for name, te in encoders.items()})
+    vae.to(device, dtype=run.vae_dtype)
     unet.to(device, dtype=dtype if use_lora else torch.float32)
-    text_encoder.to(device, dtype=torch.float32 if (train_te and not use_lora) else dtype)
+    for te in encoders.values():
+        te.to(device, dtype=torch.float32 if full_te else dtype)
     if use_lora:
-        cast_training_params([unet, text_encoder] if config.lora.text_encoder else unet, dtype=torch.float32)
+        cast_training_params([unet, *encoders.values()] if config.lora.text_encoder else unet, dtype=torch.float32)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_te:
-            text_encoder.gradient_checkpointing_enable()
+            for te in encoders.values():
+                _checkpoint_activations(te)
     vae.eval()
-    text_encoder.train(train_te)
+    for te in encoders.values():
+        te.train(train_te)
     unet.train()
+
+
+def _checkpoint_activations(text_encoder) -> None:
+    """Gradient checkpointing of a transformers text encoder (`activation_checkpointing_enable` where transformers
+    has it: `gradient_checkpointing_enable` is its deprecated alias)."""
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+    enable()
 
 
 def _make_optimization(run: Run) -> None:
@@ -207,7 +239,8 @@ def _make_optimization(run: Run) -> None:
 
     config, accelerator = run.config, run.accelerator
     unet_params = [p for p in run.unet.parameters() if p.requires_grad]
-    te_params = [p for p in run.text_encoder.parameters() if p.requires_grad] if run.train_te else []
+    te_params = [p for te in run.text_encoders().values() for p in te.parameters() if p.requires_grad] \
+        if run.train_te else []
     lr = config.learning_rate
     te_lr = config.text_encoder_learning_rate or lr
     if config.scale_lr:
@@ -222,8 +255,8 @@ def _make_optimization(run: Run) -> None:
     # are scaled by the number of processes (https://github.com/huggingface/diffusers/issues/6137). We step it
     # ourselves once per optimizer step and checkpoint it as a registered object.
     run.lr_scheduler = make_lr_scheduler(config, run.optimizer)
-    # EMA averages everything that is trained: the UNet and, when trained with it, the text encoder, so the averaged
-    # UNet is saved beside the text encoder it was averaged with
+    # EMA averages everything that is trained: the UNet and, when trained with it, the text encoder(s), so the
+    # averaged UNet is saved beside the text encoders it was averaged with
     run.trained_params = unet_params + te_params
     if config.ema.enabled:
         e = config.ema
@@ -237,8 +270,12 @@ def _prepare(run: Run) -> None:
     """accelerate prepare, and what save_state/load_state checkpoint besides the prepared objects."""
     accelerator = run.accelerator
     if run.train_te:
-        run.unet, run.text_encoder, run.optimizer = accelerator.prepare(run.unet, run.text_encoder, run.optimizer)
-        run.trained = (run.unet, run.text_encoder)
+        names = list(run.text_encoders())
+        prepared = accelerator.prepare(run.unet, *run.text_encoders().values(), run.optimizer)
+        run.unet, run.optimizer = prepared[0], prepared[-1]
+        for name, module in zip(names, prepared[1:-1]):
+            setattr(run, name, module)
+        run.trained = (run.unet, *run.text_encoders().values())
     else:
         run.unet, run.optimizer = accelerator.prepare(run.unet, run.optimizer)
         run.trained = (run.unet,)
@@ -296,7 +333,8 @@ def setup_data(run: Run, position: dict[str, Any] | None) -> Data:
     config, accelerator = run.config, run.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     if not config.cache_latents:
-        dataset = build_dataset(config.data, config.batch_size, tokenizer=run.tokenizer, rank=rank, world_size=world)
+        dataset = build_dataset(config.data, config.batch_size, tokenizer=run.tokenizer, rank=rank, world_size=world,
+                                tokenizer_2=run.tokenizer_2)
         loader_state = LoaderState.from_dict(position) if position else LoaderState()
         batches = iter(make_dataloader(dataset, config.data.num_workers, loader_state if position else None))
         return Data(batches, loader_state=loader_state)
@@ -305,11 +343,13 @@ def setup_data(run: Run, position: dict[str, Any] | None) -> Data:
     t0 = time.perf_counter()
     cache_dir = Path(config.cache_dir) if config.cache_dir else run.out / "cache"
     te = accelerator.unwrap_model(run.text_encoder)
+    te2 = accelerator.unwrap_model(run.text_encoder_2) if run.xl else None
     embeddings = not run.train_te
+    model_hash = caching.encoders_hash(run.vae, te, run.tokenizer, embeddings, te2, run.tokenizer_2)
     manifest = caching.build_cache(cache_dir, config.data, config.cache_batch_size, run.vae, te, run.tokenizer,
-                                   accelerator.device, run.weight_dtype,
-                                   caching.encoders_hash(run.vae, te, run.tokenizer, embeddings), embeddings,
-                                   rank, world, progress=accelerator.is_main_process and config.progress_bar)
+                                   accelerator.device, run.vae_dtype, model_hash, embeddings, rank, world,
+                                   progress=accelerator.is_main_process and config.progress_bar,
+                                   text_encoder_2=te2, tokenizer_2=run.tokenizer_2)
     accelerator.wait_for_everyone()  # the only sync point of the caching pass
     dataset = caching.CachedLatentDataset(cache_dir, rank, world, config.batch_size, config.data)
     dataset.load_state_dict(position)

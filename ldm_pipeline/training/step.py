@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ldm_pipeline.training import losses
+from ldm_pipeline.training import losses, xl
 from ldm_pipeline.training.setup import Data, Run
 from ldm_pipeline.training.state import TrainState
 
@@ -32,7 +32,8 @@ class StepResult:
 
 
 def encode_latents(run: Run, batch, generator):
-    """Scaled latents of the batch: the VAE's posterior sample, or the cached posterior's (see caching.py)."""
+    """Scaled latents of the batch: the VAE's posterior sample (encoded in `run.vae_dtype`: fp32 for SDXL's VAE under
+    fp16), or the cached posterior's (see caching.py)."""
     import torch
 
     device, vae = run.accelerator.device, run.vae
@@ -43,13 +44,14 @@ def encode_latents(run: Run, batch, generator):
         latents = mean + std * eps
     else:
         with torch.no_grad():
-            px = batch["pixel_values"].to(device, run.weight_dtype)
+            px = batch["pixel_values"].to(device, run.vae_dtype or run.weight_dtype)
             latents = vae.encode(px).latent_dist.sample(generator=generator).float()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 
 
 def encode_text(run: Run, batch):
+    """The SD text encoder's last hidden states of the batch's captions (or the cached ones); SDXL: `xl.encode_text`."""
     import torch
 
     if "prompt_embeds" in batch:
@@ -71,7 +73,11 @@ def compute_loss(run: Run, batch, generator):
                                         c.timestep_logit_std)
     noisy = sched.add_noise(latents, noise, timesteps)
     target = losses.target_for(sched, latents, noise, timesteps)
-    pred = run.unet(noisy, timesteps, encode_text(run, batch), return_dict=False)[0]
+    if run.xl:  # pooled text and size/crop conditioning besides the hidden states
+        hidden, added = xl.unet_conditioning(run, batch, latents)
+        pred = run.unet(noisy, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
+    else:
+        pred = run.unet(noisy, timesteps, encode_text(run, batch), return_dict=False)[0]
     weights = losses.min_snr_weights(sched, timesteps, c.snr_gamma) if c.snr_gamma else None
     return losses.diffusion_loss(pred, target, weights)
 

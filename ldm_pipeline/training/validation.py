@@ -34,15 +34,17 @@ def resolve_settings(settings: ValidationSettings, defaults) -> ValidationSettin
 
 def live_pipeline(components: dict, device) -> object:
     """A pipeline around the training modules themselves (sharing their weights, in their training dtypes), each on
-    the training `device`. Sample from it under ``accelerator.autocast()``: under mixed precision the frozen VAE and
+    the training `device` (an SDXL pipeline when `components` has text_encoder_2 and tokenizer_2). Sample from it under ``accelerator.autocast()``: under mixed precision the frozen VAE and
     text encoder are fp16/bf16 while the trained UNet is fp32, and the fp32 copies kept for saving stay on the CPU."""
     import torch
 
     from ldm_pipeline.models import pipeline_from_components
 
     device = torch.device(device)
-    for name in ("unet", "vae", "text_encoder"):
-        module = components[name]
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = components.get(name)
+        if module is None:  # text_encoder_2: SDXL only
+            continue
         param = next(module.parameters(), None)
         if param is not None and (param.device.type, param.device.index or 0) != (device.type, device.index or 0):
             module.to(device)

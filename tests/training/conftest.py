@@ -20,6 +20,14 @@ def laion_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_xl_model(tmp_path_factory) -> Path:
+    """A random tiny SDXL-architecture model folder (`ldm init-model --config tiny_sdxl --seed 0`)."""
+    from ldm_pipeline.models import init_model
+
+    return init_model("tiny_sdxl", tmp_path_factory.mktemp("models") / "tiny_sdxl", seed=0)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """accelerate keeps process-wide singletons; each in-process run starts clean."""
@@ -43,11 +51,11 @@ def make_config(model, data, out, **overrides) -> TrainConfig:
 
 
 def load_weights(folder: Path) -> dict:
-    """All tensors of a diffusers folder's unet and text_encoder, keyed by component/name."""
+    """All tensors of a diffusers folder's unet and text encoder(s), keyed by component/name."""
     from safetensors.torch import load_file
 
     out = {}
-    for comp in ("unet", "text_encoder"):
+    for comp in ("unet", "text_encoder", "text_encoder_2"):  # text_encoder_2: SDXL only
         for f in sorted((folder / comp).glob("*.safetensors")):
             out.update({f"{comp}/{k}": v for k, v in load_file(f).items()})
     return out

@@ -22,7 +22,9 @@ COMMON = dict(max_steps=STEPS, checkpoint_every=EVERY, data__num_workers=2, data
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_latest_matches_uninterrupted(tiny_model, laion_data, tmp_path):
+@pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_xl_model"])
+def test_sigkill_then_resume_latest_matches_uninterrupted(model_fixture, laion_data, tmp_path, request):
+    tiny_model = request.getfixturevalue(model_fixture)  # SD, and SDXL (both text encoders trained)
     ref = tmp_path / "ref"
     train(make_config(tiny_model, laion_data, ref, **COMMON))
 

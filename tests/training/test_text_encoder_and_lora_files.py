@@ -135,3 +135,21 @@ def test_the_same_weights_without_alpha_load_at_scale_1(tiny_model, alpha_run, t
     pipe.load_lora_weights(str(tmp_path))
     emb, pred = _outputs(pipe.text_encoder, pipe.unet, pipe.tokenizer)
     assert (emb - emb_live).abs().max() > 1e-3 and (pred - pred_live).abs().max() > 1e-3
+
+
+def test_kohya_copy_loads_as_trained(tiny_model, alpha_run):
+    """final/'s kohya-format copy (for A1111/ComfyUI: SD 1.x's lora_unet_/lora_te_ keys, the adapter's alpha) loads
+    in diffusers to what the trained modules computed."""
+    from safetensors import safe_open
+
+    final, (emb_live, pred_live) = alpha_run
+    with safe_open(str(final / lora_mod.KOHYA_WEIGHT_NAME), framework="pt") as f:
+        keys = list(f.keys())
+        assert {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")} == {1.0}
+        assert f.metadata()["ss_base_model_version"] == "sd_v1"
+    assert {k.split("_")[1] for k in keys} == {"unet", "te"}
+    pipe = _plain_pipeline(tiny_model)
+    pipe.load_lora_weights(str(final), weight_name=lora_mod.KOHYA_WEIGHT_NAME)
+    emb, pred = _outputs(pipe.text_encoder, pipe.unet, pipe.tokenizer)
+    torch.testing.assert_close(emb, emb_live, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pred, pred_live, rtol=1e-4, atol=1e-5)
