@@ -8,6 +8,8 @@ Checks (each → true/false with a one-line detail; null = does not apply to thi
   --fast against plain diffusers (images/s ratio, PSNR); fp16 mixed-precision training with gradient
   checkpointing, SIGKILLed after a checkpoint and resumed with --resume latest to the same weights as an
   uninterrupted run; --cache-latents training; LoRA training then txt2img with the LoRA; FSDP with one process.
+  SDXL: the sdxl architecture (random weights) generating at 1024x1024 in fp16, and one fine-tuning step and one
+  LoRA step of its recipes (configs/train/sdxl_*.yaml) at 1024 px; on CPU, tiny_sdxl at 64 px.
 Writes benchmarks/results/gpu-<date>.json (device, checks, fast_speedup_sd15_512, and the usual machine/versions).
 The CPU run skips what needs CUDA and compiles nothing (bench_fast.py measures torch.compile on CPU).
 """
@@ -291,6 +293,51 @@ def training_checks(acc: Acceptance, model: Path, data: Path, work: Path, device
     acc.run("train_fsdp_1_process", fsdp)
 
 
+def sdxl_checks(acc: Acceptance, data: Path, work: Path, device: str, cuda: bool) -> dict:
+    """SDXL at full size on CUDA (random weights: what runs, and how fast, does not depend on them), tiny_sdxl on CPU."""
+    from ldm_pipeline.models import CONFIG_PREFIX
+
+    model = f"{CONFIG_PREFIX}{'sdxl' if cuda else 'tiny_sdxl'}"
+    size = 1024 if cuda else 64
+    found: dict = {"model": model, "size": size}
+
+    def generate() -> tuple[bool, str]:
+        out = work / "sdxl-t2i"
+        dtype = "fp16" if cuda else "fp32"  # fp16: SDXL's VAE decodes in fp32 (force_upcast), or the image is NaN
+        t = time.perf_counter()
+        rc = ldm("txt2img", PROMPT, "--model", model, "--device", device, "--dtype", dtype, "--steps", "10",
+                 "--height", size, "--width", size, "--seed", "1", "-o", out, "-q")
+        found["txt2img_s"] = round(time.perf_counter() - t, 2)  # model build (random weights) + 10 steps + decode
+        a = pixels(only_png(out)) if rc == 0 else None
+        ok = rc == 0 and a.shape[:2] == (size, size) and a.std() > 0
+        return ok, (f"exit {rc}" + (f", {a.shape[1]}x{a.shape[0]} {dtype}, image std {a.std():.1f}" if a is not None
+                                    else "") + f", {found['txt2img_s']}s with the model build")
+
+    acc.run("sdxl_txt2img", generate)
+
+    def train_step(recipe: str, *extra: str) -> Callable[[], tuple[bool, str]]:
+        def check() -> tuple[bool, str]:
+            out = work / f"sdxl-{recipe}"
+            # bf16 on CPU too: the checks share one process, whose accelerate state keeps its first precision
+            precision = ["--mixed-precision", "bf16"] + ([] if cuda else ["data.num_workers=0"])
+            t = time.perf_counter()
+            rc = ldm("train", "--config", recipe, "--model", model, "--data", data, "--output-dir", out,
+                     "--resolution", str(size), "--max-steps", "1", "--lr-warmup-steps", "0", "--validate-every", "0",
+                     "--checkpoint-every", "0", "--report-to", "none", "--no-progress", *precision, *extra)
+            found[f"{recipe}_step_s"] = round(time.perf_counter() - t, 2)
+            m = json.loads((out / "metrics.json").read_text()) if rc == 0 else {}
+            losses = [v for _, v in m.get("losses", [])]
+            ok = rc == 0 and len(losses) == 1 and math.isfinite(losses[0])
+            shutil.rmtree(out, ignore_errors=True)
+            return ok, f"exit {rc}, losses {losses}, {found[f'{recipe}_step_s']}s with model build and save"
+        return check
+
+    # plain AdamW: bitsandbytes (the recipe's 8-bit AdamW) is an extra the GPU machine may lack
+    acc.run("sdxl_finetune_step", train_step("sdxl_finetune", "optimizer=adamw"))
+    acc.run("sdxl_lora_step", train_step("sdxl_lora"))
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -328,9 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         generation_checks(acc, model, work, device, size, cuda)
         fast = fast_check(acc, model, device, size, cuda, args.fast_repeats)
         training_checks(acc, model, data, work, device, cuda)
+        sdxl = sdxl_checks(acc, data, work, device, cuda)
     failed = [n for n, c in acc.checks.items() if c["ok"] is False]
     print(f"\n{len(acc.checks) - len(failed)} of {len(acc.checks)} checks passed or skipped; failed: {failed or 'none'}")
-    rec = results.record("gpu", begun, device=device, raw={"fast": fast}, derived={"failed": failed},
+    rec = results.record("gpu", begun, device=device, raw={"fast": fast, "sdxl": sdxl}, derived={"failed": failed},
                          settings={"model": model_arg, "size": size, "device": device,
                                    "fast_repeats": args.fast_repeats})
     # the acceptance fields at the top level: device (from record), checks, and the --fast ratio at sd15 512 px

@@ -118,7 +118,7 @@ def test_gpu_acceptance_dry_run_on_cpu(tmp_path):
     checks = rec["checks"]
     expected = {"txt2img_fp32", "img2img_fp32", "txt2img_bf16", "img2img_bf16", "replay_bit_exact", "cpu_offload",
                 "vae_tiling", "fast_vs_plain", "train_sigkill_resume", "train_cached_latents", "train_lora",
-                "train_fsdp_1_process"}
+                "train_fsdp_1_process", "sdxl_txt2img", "sdxl_finetune_step", "sdxl_lora_step"}
     assert set(checks) == expected
     skipped = {n for n, c in checks.items() if c["ok"] is None}
     assert skipped == {"cpu_offload", "train_fsdp_1_process"}  # CUDA-only
