@@ -191,7 +191,8 @@ class ImageGenerator:
                  "crop top-left": job.crop_top_left}
         given = {k: v for k, v in given.items() if v is not None}
         if given and not self.xl:
-            raise UserError(f"{next(iter(given))}: size conditioning is an SDXL input; this model is SD 1.x/2.x")
+            raise UserError(f"{next(iter(given))} is SDXL size conditioning, which this SD 1.x/2.x model does not take: "
+                            "leave it out")
         for name, value in given.items():
             low = 0 if name == "crop top-left" else 1
             if len(value) != 2 or any(int(v) != v or v < low for v in value):

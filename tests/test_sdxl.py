@@ -105,7 +105,7 @@ def test_size_conditioning_changes_the_image_and_is_checked(xl, generator):
     assert np.array_equal(arr(same[0]), ref)  # diffusers' defaults: the image's own size, no crop
     with pytest.raises(UserError, match="two whole numbers >= 1"):
         xl.txt2img("x", original_size=(0, 64), num_inference_steps=2)
-    with pytest.raises(UserError, match="SDXL input"):
+    with pytest.raises(UserError, match="SDXL size conditioning"):
         generator.txt2img("x", original_size=(64, 64), num_inference_steps=2)
 
 
