@@ -1,10 +1,11 @@
-"""Inpainting masks the way AUTOMATIC1111 prepares them: white repaints, black keeps; inversion; a separable Gaussian
-blur of the mask's edge; the padded crop around the masked area that "only masked" (inpaint full resolution) works
-on; outpainting's extended canvas; and the overlay that puts every pixel outside the mask back exactly as it was.
+"""Inpainting masks the way AUTOMATIC1111 prepares them: white repaints, black keeps; inversion; A1111's Gaussian
+blur of the mask's edge and the overlay mask made from it; the padded crop around the masked area that "only
+masked" (inpaint full resolution) works on; and outpainting's extended canvas.
 
 diffusers' inpainting pipeline does the denoising (latent blending for ordinary UNets, the 9-channel UNet for
-inpainting models); what it lacks is A1111's mask handling and its guarantee that unmasked pixels are unchanged,
-which users compare results against, so those live here as plain functions on PIL images and numpy arrays.
+inpainting models) and its image processor has A1111's crop region and overlay (``apply_overlay``, which puts every
+pixel outside the mask back exactly as it was); what it lacks (A1111's blur kernel — its own ``blur`` is PIL's —,
+inversion, outpainting) lives here as plain functions on PIL images and numpy arrays.
 """
 
 from __future__ import annotations
@@ -82,40 +83,15 @@ def overlay_mask(mask: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(mask, dtype=np.float32) * 2, 0, 255).astype(np.uint8), "L")
 
 
-def crop_region(mask: Image.Image, pad: int) -> tuple[int, int, int, int] | None:
-    """(x1, y1, x2, y2): the box around the mask's non-black pixels grown by `pad` on each side within the image;
-    None when nothing is masked."""
-    box = mask.getbbox()
-    if box is None:
+def crop_region(mask: Image.Image, width: int, height: int, pad: int) -> tuple[int, int, int, int] | None:
+    """"Only masked": the box (x1, y1, x2, y2) around the mask's non-black pixels, grown by `pad` and then to the
+    processing size's aspect ratio inside the image (diffusers' ``get_crop_region``, which is A1111's); None when
+    nothing is masked (where diffusers' would divide by zero)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    if mask.getbbox() is None:
         return None
-    x1, y1, x2, y2 = box
-    w, h = mask.size
-    return max(x1 - pad, 0), max(y1 - pad, 0), min(x2 + pad, w), min(y2 + pad, h)
-
-
-def expand_crop_region(region: tuple[int, int, int, int], width: int, height: int, image_width: int,
-                       image_height: int) -> tuple[int, int, int, int]:
-    """Grow `region` to the processing size's aspect ratio (`width`/`height`) around its centre, shifted back inside
-    the image where it would leave it (A1111's ``expand_crop_region``), so the crop scales to the processing size
-    without distortion."""
-    x1, y1, x2, y2 = region
-    if (x2 - x1) / (y2 - y1) > width / height:
-        grow = int((x2 - x1) * height / width - (y2 - y1))
-        y1, y2 = _grow(y1, y2, grow, image_height)
-    else:
-        grow = int((y2 - y1) * width / height - (x2 - x1))
-        x1, x2 = _grow(x1, x2, grow, image_width)
-    return x1, y1, x2, y2
-
-
-def _grow(a: int, b: int, grow: int, limit: int) -> tuple[int, int]:
-    a -= grow // 2
-    b += grow - grow // 2
-    if b >= limit:
-        a, b = a - (b - limit), limit
-    if a < 0:
-        a, b = 0, b - a
-    return a, min(b, limit)
+    return VaeImageProcessor.get_crop_region(mask, width, height, pad=pad)
 
 
 def pad_canvas(image: Image.Image, mask: Image.Image | None, left: int, top: int, right: int, bottom: int,
@@ -135,24 +111,3 @@ def pad_canvas(image: Image.Image, mask: Image.Image | None, left: int, top: int
     m = np.full((h + top + bottom, w + left + right), 255, dtype=np.uint8)
     m[top:top + h, left:left + w] = np.asarray(mask) if mask is not None else 0
     return Image.fromarray(a, "RGB"), Image.fromarray(m, "L")
-
-
-def paste_back(result: Image.Image, original: Image.Image, overlay: Image.Image,
-               region: tuple[int, int, int, int] | None = None) -> Image.Image:
-    """`result` (or, with `region`, `result` scaled into that box of `original`) composited over `original` through
-    `overlay`: where it is 0 every pixel is the original's, bit for bit; where 255 the result's; blended between."""
-    import numpy as np
-    from PIL import Image
-
-    base = np.asarray(original.convert("RGB"), dtype=np.float32)
-    new = base.copy()
-    if region is None:
-        new[:] = np.asarray(result.convert("RGB").resize(original.size, Image.Resampling.LANCZOS), dtype=np.float32)
-    else:
-        x1, y1, x2, y2 = region
-        patch = result.convert("RGB").resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS)
-        new[y1:y2, x1:x2] = np.asarray(patch, dtype=np.float32)
-    alpha = np.asarray(overlay, dtype=np.float32)[..., None] / 255.0
-    out = np.rint(base * (1.0 - alpha) + new * alpha)
-    out = np.where(alpha == 0, base, out)  # exactly the original outside the mask, whatever the float rounding
-    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "RGB")

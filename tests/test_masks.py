@@ -53,18 +53,12 @@ def test_overlay_mask_doubles_the_blurred_mask():
     assert np.array_equal(o, np.minimum(np.asarray(b, dtype=int) * 2, 255))
 
 
-def test_crop_region_and_its_expansion_to_the_processing_ratio():
+def test_crop_region_grows_to_the_processing_ratio_inside_the_image():
     m = square_mask((100, 80), (40, 30, 50, 60))  # 10 wide, 30 tall
-    assert masks.crop_region(m, 0) == (40, 30, 50, 60)
-    assert masks.crop_region(m, 32) == (8, 0, 82, 80)
-    assert masks.crop_region(Image.new("L", (8, 8)), 4) is None
-    x1, y1, x2, y2 = masks.expand_crop_region((40, 30, 50, 60), 64, 64, 100, 80)  # square processing size
-    assert (x2 - x1, y2 - y1) == (30, 30) and (x1, y1) == (30, 30)
-    # near an edge the box shifts back inside the image instead of shrinking
-    x1, y1, x2, y2 = masks.expand_crop_region((90, 30, 100, 60), 64, 64, 100, 80)
-    assert (x1, x2) == (70, 100) and (y1, y2) == (30, 60)
-    x1, y1, x2, y2 = masks.expand_crop_region((0, 0, 80, 10), 64, 64, 100, 80)  # wider than tall: grows down
-    assert (x1, y1, x2, y2) == (0, 0, 80, 80)
+    assert masks.crop_region(m, 64, 64, 0) == (30, 30, 60, 60)  # square processing size: 30 x 30 around it
+    assert masks.crop_region(square_mask((100, 80), (90, 30, 100, 60)), 64, 64, 0) == (70, 30, 100, 60)  # shifted in
+    assert masks.crop_region(m, 64, 64, 32) == (5, 0, 85, 80)  # padded: 8..82 x 0..80, then widened to 80
+    assert masks.crop_region(Image.new("L", (8, 8)), 8, 8, 4) is None
 
 
 def test_pad_canvas_extends_to_the_vae_factor_and_masks_the_new_area():
@@ -84,12 +78,15 @@ def test_pad_canvas_extends_to_the_vae_factor_and_masks_the_new_area():
 
 
 @pytest.mark.parametrize("region", [None, (8, 4, 48, 44)])
-def test_paste_back_leaves_every_unmasked_pixel_bit_identical(region):
+def test_diffusers_overlay_leaves_every_unmasked_pixel_bit_identical(region):
+    """What the inpainting command relies on diffusers' ``apply_overlay`` for (A1111's overlay), with our masks."""
+    from diffusers.image_processor import VaeImageProcessor
+
     original, result = noise_image(seed=1), noise_image(seed=2)
     overlay = masks.overlay_mask(masks.blur_mask(square_mask(), 4))
     if region is not None:
         result = result.resize((64, 64))  # the processing size of an "only masked" crop
-    out = np.asarray(masks.paste_back(result, original, overlay, region))
+    out = np.asarray(VaeImageProcessor().apply_overlay(overlay, original, result, region))
     o, a = np.asarray(original), np.asarray(overlay)
     assert np.array_equal(out[a == 0], o[a == 0]) and (a == 0).sum() > 1000
     inside = a == 255
